@@ -1,0 +1,189 @@
+"""BYOL / SimCLR pretraining configuration.
+
+The default is the paper's configuration (Richemond et al., 2020): ResNet-50 in
+which every normalization is GroupNorm(16) and every conv/linear weight is
+standardized, batch 4096, projector and predictor 4096 -> 256, ImageNet,
+the 1000-epoch preset.
+
+`get_config(arg)` takes a comma-separated list of variant names; the first
+number in it picks the epoch preset:
+
+  gnws (default)  GN(16)+WS in encoder, projector and predictor (the paper).
+  bn              vanilla BYOL: BatchNorm everywhere, no WS.
+  bn_init         BN-free network initialised from one BatchNorm pass
+                  (encoder/projector/predictor norms become `affine`).
+  simclr          SimCLR instead of BYOL (no predictor, no target network).
+  local           the CPU preset: Fashion-MNIST, tiny small-stem ResNet,
+                  minutes on 2 cores, deterministic.
+  40|100|300|1000 epoch preset (lr, weight decay, tau_base as DeepMind's BYOL).
+
+Commands (each field can be overridden with --config.FIELD=VALUE):
+
+  # The paper's GN+WS ResNet-50, 1000 epochs, on ImageNet:
+  python main.py --config=configs/byol.py --workdir=/tmp/byol_gnws
+  # Vanilla BatchNorm BYOL, 300 epochs:
+  python main.py --config=configs/byol.py:bn,300 --workdir=/tmp/byol_bn
+  # BN-init protocol, 1000 epochs:
+  python main.py --config=configs/byol.py:bn_init --workdir=/tmp/byol_bninit
+  # SimCLR with GN+WS:
+  python main.py --config=configs/byol.py:simclr --workdir=/tmp/simclr
+  # Laptop: GN+WS BYOL on Fashion-MNIST (what ./run.sh runs):
+  python main.py --config=configs/byol.py:local --workdir=/tmp/byol_local
+  # An ablation row: BN only in the encoder, none in the heads:
+  python main.py --config=configs/byol.py:local --workdir=/tmp/enc_bn \\
+      --config.model.encoder.norm=bn --config.model.encoder.weight_standardization=False \\
+      --config.model.projector.norm=none --config.model.projector.weight_standardization=False \\
+      --config.model.predictor.norm=none --config.model.predictor.weight_standardization=False
+"""
+
+import ml_collections
+
+# epochs -> (base learning rate, weight decay, tau_base), as DeepMind's BYOL.
+EPOCH_PRESETS = {
+    40: (0.45, 1e-6, 0.97),
+    100: (0.45, 1e-6, 0.99),
+    300: (0.3, 1e-6, 0.99),
+    1000: (0.2, 1.5e-6, 0.996),
+}
+
+NORMS = ('bn', 'gn', 'ln', 'affine', 'none')
+VARIANTS = ('gnws', 'bn', 'bn_init', 'simclr', 'local')
+
+
+def view_augmentations(blur_prob, solarize_prob):
+  """Augmentation strengths and probabilities of one view (BYOL, Table 6)."""
+  return ml_collections.ConfigDict(dict(
+      flip_prob=0.5,
+      color_jitter_prob=0.8,
+      brightness=0.4,
+      contrast=0.4,
+      saturation=0.2,
+      hue=0.1,
+      grayscale_prob=0.2,
+      blur_prob=blur_prob,
+      blur_sigma_min=0.1,
+      blur_sigma_max=2.0,
+      # Blur kernel side as a fraction of the image side (23 taps at 224 px).
+      blur_kernel_fraction=0.1,
+      solarize_prob=solarize_prob,
+      solarize_threshold=0.5,
+  ))
+
+
+def _component(norm, ws, **extra):
+  return dict(norm=norm, weight_standardization=ws, num_groups=16, **extra)
+
+
+def _set_norm(config, norm, ws):
+  for part in ('encoder', 'projector', 'predictor'):
+    config.model[part].norm = norm
+    config.model[part].weight_standardization = ws
+
+
+def get_config(arg=None):
+  """Returns the locked pretraining config for the comma-separated `arg`."""
+  names = [a.strip() for a in (arg or '').split(',') if a.strip()]
+  epochs = 1000
+  variants = []
+  for name in names:
+    if name.isdigit():
+      epochs = int(name)
+      if epochs not in EPOCH_PRESETS:
+        raise ValueError(f'unknown epoch preset {epochs}; choose from '
+                         f'{sorted(EPOCH_PRESETS)}')
+    elif name in VARIANTS:
+      variants.append(name)
+    else:
+      raise ValueError(f'unknown config variant {name!r}; choose from '
+                       f'{", ".join(VARIANTS)} or an epoch preset '
+                       f'{sorted(EPOCH_PRESETS)}')
+  base_lr, weight_decay, tau_base = EPOCH_PRESETS[epochs]
+
+  c = ml_collections.ConfigDict()
+  c.experiment = 'pretrain'
+  c.seed = 0
+  c.method = 'byol'  # byol | simclr
+
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder = ml_collections.ConfigDict(_component(
+      'gn', True, depth=50, width_multiplier=1.0, stem='imagenet',
+      blocks_per_group=(), zero_init_last_scale=False))
+  c.model.projector = ml_collections.ConfigDict(_component(
+      'gn', True, hidden_size=4096, output_size=256))
+  c.model.predictor = ml_collections.ConfigDict(_component(
+      'gn', True, hidden_size=4096, output_size=256))
+  c.model.bn_decay = 0.9
+  c.model.bn_eps = 1e-5
+  c.model.gn_eps = 1e-5
+  c.model.ws_eps = 1e-4
+  c.model.dtype = 'float32'  # float32 | bfloat16 (compute; params stay f32)
+  c.model.init = 'default'  # default | bn_init
+  c.model.bn_init_batch_size = 256
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = 'imagenet2012'  # imagenet2012 | fashion_mnist | mock
+  c.data.data_dir = ''  # '' -> tfds default / the Debian folder
+  c.data.image_size = 224
+  c.data.augmentations = ml_collections.ConfigDict(dict(
+      view1=view_augmentations(blur_prob=1.0, solarize_prob=0.0),
+      view2=view_augmentations(blur_prob=0.1, solarize_prob=0.2),
+  ))
+
+  c.training = ml_collections.ConfigDict()
+  c.training.batch_size = 4096  # global, over all devices and processes
+  c.training.epochs = epochs
+  c.training.max_steps = -1  # > 0 overrides the length given by epochs
+  c.training.warmup_epochs = 10.0
+  c.training.base_lr = base_lr  # scaled by batch_size / 256
+  c.training.weight_decay = weight_decay
+  c.training.lars_eta = 1e-3
+  c.training.momentum = 0.9
+  c.training.tau_base = tau_base
+  c.training.temperature = 0.1  # SimCLR only
+  c.training.accumulation_steps = 1
+  c.training.log_every_steps = 100
+  c.training.checkpoint_every_steps = 1000
+  c.training.keep_checkpoints = 3
+  c.training.deterministic_input = False
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ''  # host:port; '' -> single process
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.auto = False  # jax.distributed.initialize() auto-detection
+
+  if 'bn' in variants:
+    _set_norm(c, 'bn', False)
+  if 'bn_init' in variants:
+    _set_norm(c, 'bn', False)
+    c.model.init = 'bn_init'
+  if 'simclr' in variants:
+    c.method = 'simclr'
+  if 'local' in variants:
+    _local(c)
+  c.lock()
+  return c
+
+
+def _local(c):
+  """The laptop preset: minutes of 2 CPU cores, same numbers every run."""
+  c.model.encoder.depth = 18
+  c.model.encoder.blocks_per_group = (1, 1, 1, 1)
+  c.model.encoder.width_multiplier = 0.25
+  c.model.encoder.stem = 'small'
+  c.model.encoder.num_groups = 8
+  for head in ('projector', 'predictor'):
+    c.model[head].hidden_size = 256
+    c.model[head].output_size = 64
+    c.model[head].num_groups = 8
+  c.data.dataset = 'fashion_mnist'
+  c.data.image_size = 24
+  c.training.batch_size = 256
+  c.training.epochs = 4
+  c.training.warmup_epochs = 0.5
+  c.training.base_lr = 1.0
+  c.training.weight_decay = 1e-6
+  c.training.tau_base = 0.99
+  c.training.log_every_steps = 20
+  c.training.checkpoint_every_steps = 200
+  c.training.deterministic_input = True

@@ -1,0 +1,106 @@
+r"""The one entry point: pretraining, or linear evaluation of a pretraining run.
+
+  python main.py --config=configs/byol.py[:VARIANTS] --workdir=DIR \
+      [--config.FIELD=VALUE ...] [--probe]
+  python main.py --config=configs/eval.py[:VARIANTS] --workdir=DIR \
+      [--config.FIELD=VALUE ...]
+
+Bad input (unknown field, impossible value, missing dataset, unusable
+checkpoint) ends with one `error: ...` line on stderr and exit status 2.
+"""
+
+import json
+import os
+import sys
+
+# Keep TensorFlow (used only for input pipelines and TensorBoard) quiet and off
+# any accelerator that JAX should have for itself.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from byol.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, configs/byol.py[:variants] or '
+    'configs/eval.py[:variants].', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Working directory: '
+                               'checkpoints, metrics, summaries.')
+_PROBE = flags.DEFINE_bool(
+    'probe', False, 'After pretraining, fit a linear probe on frozen features '
+    'of the trained encoder and of the same encoder at initialisation.')
+
+
+def fail(message: str, status: int = 2):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(status)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    # Raised by config_flags for unknown fields, wrong types and by a
+    # config's get_config for unknown variants.
+    fail(f'bad --config: {str(e).splitlines()[0]}')
+  return None
+
+
+def _workdir() -> str:
+  workdir = _WORKDIR.value
+  if not workdir:
+    fail('--workdir is required')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    fail(f'cannot create workdir {workdir}: {e.strerror}')
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    fail(f'workdir {workdir} is not writable')
+  return workdir
+
+
+def _run(config, workdir):
+  # Imported here so that flag errors come back without importing JAX/TF.
+  from byol import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(config)
+  if config.get('experiment', 'pretrain') == 'linear_eval':
+    from byol import eval_experiment  # pylint: disable=g-import-not-at-top
+    summary = eval_experiment.run(config, workdir)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return
+  from byol import experiment  # pylint: disable=g-import-not-at-top
+  exp = experiment.PretrainExperiment(config, workdir)
+  try:
+    summary = exp.train()
+  except experiment.Preempted as e:
+    print(f'preempted: {e}', file=sys.stderr)
+    sys.exit(143)
+  except experiment.NonFiniteLossError as e:
+    fail(str(e), status=1)
+  print(f'[train] done: step {summary["step"]}, loss {summary.get("loss", 0):.4f}, '
+        f'params sha256 {summary["online_params_sha256"][:16]}')
+  if _PROBE.value:
+    from byol import eval_experiment  # pylint: disable=g-import-not-at-top
+    eval_experiment.probe_report(exp, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _CONFIG.value is None:
+    fail('--config is required, e.g. --config=configs/byol.py:local')
+  workdir = _workdir()
+  logging.set_verbosity(logging.WARNING)
+  try:
+    _run(_CONFIG.value, workdir)
+  except UserError as e:
+    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,10 @@
+"""Test set-up: four forced CPU devices, before JAX is first imported."""
+
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+_flags = os.environ.get('XLA_FLAGS', '')
+if '--xla_force_host_platform_device_count' not in _flags:
+  os.environ['XLA_FLAGS'] = (
+      _flags + ' --xla_force_host_platform_device_count=4').strip()
