@@ -1,0 +1,178 @@
+"""The pretraining update step: pmapped BYOL/SimCLR steps, EMA, accumulation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from byol import experiment
+from byol import schedules
+from configs import byol as byol_config
+
+NUM_DEVICES = 2
+IMAGE = 16
+BATCH = 16  # global
+
+
+def tiny_config(variant='local', **overrides):
+  c = byol_config.get_config(variant)
+  c.unlock()
+  c.model.encoder.width_multiplier = 0.125  # 8..64 channels
+  c.model.encoder.num_groups = 4
+  for head in ('projector', 'predictor'):
+    c.model[head].hidden_size = 32
+    c.model[head].output_size = 16
+    c.model[head].num_groups = 4
+  c.data.image_size = IMAGE
+  c.training.batch_size = BATCH
+  c.training.max_steps = 20
+  c.training.warmup_epochs = 0.0
+  c.training.base_lr = 2.0
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  c.lock()
+  return c
+
+
+def fixed_batch(num_devices, accum=1, per_device=None, seed=0):
+  per_device = per_device or BATCH // (num_devices * accum)
+  rng = np.random.RandomState(seed)
+  shape = (num_devices, accum, per_device, IMAGE, IMAGE, 3)
+  return {
+      'view1': rng.uniform(size=shape).astype(np.float32),
+      'view2': rng.uniform(size=shape).astype(np.float32),
+      'labels': rng.randint(0, 10, size=shape[:3]).astype(np.int32),
+  }
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(variant, method, num_devices):
+  """(init, update, config), pmapped over `num_devices`; cached per variant."""
+  config = tiny_config(variant, method=method)
+  forward = experiment.make_forward(config, 10, experiment.AXIS)
+  total = config.training.max_steps
+  optimizer = experiment.make_optimizer(config, total,
+                                        experiment.warmup_steps(config))
+  devices = jax.local_devices()[:num_devices]
+  init = jax.pmap(experiment.make_init_fn(config, forward, optimizer),
+                  axis_name=experiment.AXIS, devices=devices)
+  update = jax.pmap(
+      experiment.make_update_fn(config, forward, optimizer, total),
+      axis_name=experiment.AXIS, devices=devices)
+  return init, update, config
+
+
+def replicated_key(seed, n):
+  return jnp.broadcast_to(jax.random.PRNGKey(seed), (n, 2))
+
+
+def init_state(init, n):
+  return init(replicated_key(0, n),
+              np.zeros((n, BATCH // n, IMAGE, IMAGE, 3), np.float32))
+
+
+@pytest.mark.parametrize('variant,method', [
+    ('local', 'byol'),  # GN+WS everywhere
+    ('local,bn', 'byol'),
+    ('local', 'simclr'),
+    ('local,bn', 'simclr'),
+])
+def test_pmapped_steps_lower_the_loss_on_a_fixed_batch(variant, method):
+  init, update, _ = compiled(variant, method, NUM_DEVICES)
+  state = init_state(init, NUM_DEVICES)
+  batch = fixed_batch(NUM_DEVICES)
+  rng = replicated_key(7, NUM_DEVICES)  # same augmentations every step
+  losses = []
+  for _ in range(8):
+    state, logs = update(state, batch, rng)
+    losses.append(float(logs['repr_loss'][0]))
+    # pmean'd logs are the same on every device.
+    np.testing.assert_allclose(logs['loss'][0], logs['loss'][1], rtol=1e-6)
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < losses[0] - 0.05, losses
+  assert int(state.step[0]) == 8
+  # Parameters stay identical across replicas.
+  leaf0 = jax.tree.leaves(state.online_params)[0]
+  np.testing.assert_array_equal(leaf0[0], leaf0[1])
+
+
+def test_target_is_an_ema_of_the_new_online_params():
+  init, update, config = compiled('local', 'byol', NUM_DEVICES)
+  state = init_state(init, NUM_DEVICES)
+  # Online and target start from different keys.
+  w_online = jax.tree.leaves(state.online_params)[-1][0]
+  w_target = jax.tree.leaves(state.target_params)[-1][0]
+  assert np.abs(np.asarray(w_online) - np.asarray(w_target)).max() > 1e-3
+  new, logs = update(state, fixed_batch(NUM_DEVICES),
+                     replicated_key(1, NUM_DEVICES))
+  tau = float(schedules.target_ema(0, base_ema=config.training.tau_base,
+                                   total_steps=config.training.max_steps))
+  np.testing.assert_allclose(float(logs['tau'][0]), tau, rtol=1e-6)
+  for old_t, new_o, new_t in zip(jax.tree.leaves(state.target_params),
+                                 jax.tree.leaves(new.online_params),
+                                 jax.tree.leaves(new.target_params)):
+    expected = tau * np.asarray(old_t[0]) + (1 - tau) * np.asarray(new_o[0])
+    np.testing.assert_allclose(np.asarray(new_t[0]), expected, atol=1e-6)
+
+
+def test_classifier_gradient_does_not_reach_the_encoder():
+  config = tiny_config('local')
+  forward = experiment.make_forward(config, 10, axis_name=None)
+  x = jnp.asarray(np.random.RandomState(0).uniform(
+      size=(4, IMAGE, IMAGE, 3)), jnp.float32)
+  params, state = forward.init(jax.random.PRNGKey(0), x, True)
+
+  def classifier_loss(p):
+    out, _ = forward.apply(p, state, None, x, True)
+    return jnp.sum(out['logits'] ** 2)
+
+  grads = jax.grad(classifier_loss)(params)
+  for name, leaves in grads.items():
+    norm = sum(float(jnp.sum(g ** 2)) for g in leaves.values())
+    if name.startswith('classifier'):
+      assert norm > 0
+    else:
+      assert norm == 0, name
+
+
+def test_accumulation_equals_the_large_batch_under_gn_ws():
+  """k micro-batches of B/k with averaged gradients == one batch of B."""
+  # Augmentation randomness is drawn per micro-batch; with every
+  # probability at zero both runs see the same views.
+  big = fixed_batch(1, accum=1)
+  config = tiny_config('local')
+  config.unlock()
+  for view in ('view1', 'view2'):
+    for field in ('flip_prob', 'color_jitter_prob', 'grayscale_prob',
+                  'blur_prob', 'solarize_prob'):
+      config.data.augmentations[view][field] = 0.0
+  config.lock()
+  results = []
+  for accum in (1, 4):
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.training.accumulation_steps = accum
+    c.lock()
+    forward = experiment.make_forward(c, 10, axis_name=None)
+    optimizer = experiment.make_optimizer(c, 20, 0)
+    init = jax.jit(experiment.make_init_fn(c, forward, optimizer))
+    update = jax.jit(experiment.make_update_fn(c, forward, optimizer, 20,
+                                               axis_name=None))
+    state = init(jax.random.PRNGKey(0),
+                 np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+    batch = jax.tree.map(
+        lambda x: x.reshape((accum, x.shape[2] // accum) + x.shape[3:]), big)
+    for _ in range(2):
+      state, logs = update(state, batch, jax.random.PRNGKey(3))
+    results.append((state, logs))
+  (s1, l1), (s4, l4) = results
+  np.testing.assert_allclose(float(l1['loss']), float(l4['loss']), rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(s1.online_params),
+                  jax.tree.leaves(s4.online_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)

@@ -1,0 +1,112 @@
+"""The command line: bad input gives one `error:` line, exit 2, nothing lost."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL = 'configs/byol.py:local'
+# A tiny, fast local run (a few steps of a narrow net on 16 px crops).
+TINY = [
+    '--config.model.encoder.width_multiplier=0.125',
+    '--config.model.encoder.num_groups=4',
+    '--config.model.projector.hidden_size=32',
+    '--config.model.projector.output_size=16',
+    '--config.model.projector.num_groups=4',
+    '--config.model.predictor.hidden_size=32',
+    '--config.model.predictor.output_size=16',
+    '--config.model.predictor.num_groups=4',
+    '--config.data.image_size=16',
+    '--config.training.batch_size=32',
+]
+
+
+def run_main(args, workdir, timeout=300, env=None):
+  full_env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  full_env.update(env or {})
+  return subprocess.run(
+      [sys.executable, 'main.py', f'--workdir={workdir}', *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def assert_user_error(result, *fragments):
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, result.stderr[-2000:]
+  assert lines[0].startswith('error: '), lines[0]
+  assert 'Traceback' not in result.stderr
+  for f in fragments:
+    assert f in lines[0], (f, lines[0])
+
+
+# Errors found while parsing flags or checking the config: no training starts.
+BAD_INPUTS = [
+    ('unknown_field', [f'--config={LOCAL}', '--config.training.bogus=1'],
+     ['bogus']),
+    ('wrong_type', [f'--config={LOCAL}', '--config.training.batch_size=abc'],
+     ['batch_size']),
+    ('unknown_norm', [f'--config={LOCAL}', '--config.model.encoder.norm=banana'],
+     ['banana', 'gn']),
+    ('unknown_method', [f'--config={LOCAL}', '--config.method=moco'],
+     ['moco']),
+    ('unknown_variant', ['--config=configs/byol.py:banana'], ['banana']),
+    ('unknown_epoch_preset', ['--config=configs/byol.py:local,77'], ['77']),
+    ('missing_config_file', ['--config=configs/nope.py'], []),
+    ('no_config', [], ['--config']),
+    ('zero_batch', [f'--config={LOCAL}', '--config.training.batch_size=0'],
+     ['batch_size']),
+    ('negative_log_every', [f'--config={LOCAL}',
+                            '--config.training.log_every_steps=-5'],
+     ['log_every_steps']),
+    ('unknown_dataset', [f'--config={LOCAL}', '--config.data.dataset=cifar99'],
+     ['cifar99']),
+    ('groups_not_dividing', [f'--config={LOCAL}', *TINY,
+                             '--config.model.encoder.num_groups=3'],
+     ['3']),
+    ('batch_not_divisible', [f'--config={LOCAL}', *TINY,
+                             '--config.training.batch_size=30'],
+     ['30', '4 devices']),
+    ('stray_argument', [f'--config={LOCAL}', 'extra'], ['extra']),
+    ('bad_dtype', [f'--config={LOCAL}', '--config.model.dtype=float8'],
+     ['float8']),
+]
+
+
+@pytest.mark.parametrize('name,args,fragments', BAD_INPUTS,
+                         ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_error_line(tmp_path, name, args, fragments):
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  result = run_main(args, tmp_path / 'w', env=env)
+  assert_user_error(result, *fragments)
+  # Nothing was written into the workdir.
+  assert not os.path.exists(tmp_path / 'w') or not os.listdir(tmp_path / 'w')
+
+
+def test_missing_dataset_files(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  result = run_main([f'--config={LOCAL}', *TINY,
+                     f'--config.data.data_dir={empty}'], tmp_path / 'w',
+                    env={'TFDS_DATA_DIR': str(tmp_path / 'tfds'),
+                         'BYOL_NO_TFDS_DOWNLOAD': '1'})
+  assert_user_error(result, 'dataset-fashion-mnist')
+
+
+def test_evaluating_a_workdir_without_a_run(tmp_path):
+  result = run_main(['--config=configs/eval.py:local,fast'], tmp_path)
+  assert_user_error(result, 'config.json')
+
+
+def test_unwritable_workdir(tmp_path):
+  if os.geteuid() == 0:
+    target = '/proc/byol-cannot-write-here'
+  else:
+    ro = tmp_path / 'ro'
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    target = str(ro / 'w')
+  result = run_main([f'--config={LOCAL}'], target)
+  assert_user_error(result, 'workdir')

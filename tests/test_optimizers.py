@@ -1,0 +1,190 @@
+"""Tests of byol.optimizers: LARS against a NumPy reference, parameter masks."""
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from byol import optimizers
+from byol import schedules
+
+_WD = 0.05
+_ETA = 1e-3
+_MOMENTUM = 0.9
+# Warmup over 3 steps to a peak of 1, then cosine: lr = 0, 1/3, 2/3, 1, ...
+_SCHEDULE = dict(base_lr=1., batch_size=256, total_steps=20, warmup_steps=3)
+
+
+def _params():
+  rng = np.random.default_rng(0)
+  return {
+      'mlp/~/linear_0': {'w': rng.standard_normal((4, 3)).astype(np.float32),
+                         'b': rng.standard_normal(3).astype(np.float32)},
+      'mlp/~/groupnorm_0': {'scale': np.ones(3, np.float32),
+                            'offset': np.zeros(3, np.float32)},
+      # Zero weights: the trust ratio must fall back to 1.
+      'mlp/~/linear_1': {'w': np.zeros((3, 2), np.float32)},
+  }
+
+
+def _grads(step):
+  rng = np.random.default_rng(100 + step)
+  return jax.tree.map(
+      lambda p: rng.standard_normal(p.shape).astype(np.float32), _params())
+
+
+def _reference_lars(params, num_steps):
+  """The DeepMind rule in float64 NumPy, one leaf at a time."""
+  mask = optimizers.exclude_bias_and_norm(params)
+  params = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+  momentum = jax.tree.map(np.zeros_like, params)
+  trajectory = []
+  for step in range(num_steps):
+    lr = float(schedules.learning_rate(step, **_SCHEDULE))
+
+    def update(p, g, mu, included, lr=lr):
+      g = np.asarray(g, np.float64)
+      if included:
+        g = g + _WD * p
+        p_norm, g_norm = np.linalg.norm(p), np.linalg.norm(g)
+        if p_norm > 0 and g_norm > 0:
+          g = _ETA * p_norm / g_norm * g
+      mu = _MOMENTUM * mu + g
+      return p - lr * mu, mu
+
+    out = jax.tree.map(update, params, _grads(step), momentum, mask)
+    params = jax.tree.map(lambda o: o[0], out,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    momentum = jax.tree.map(lambda o: o[1], out,
+                            is_leaf=lambda x: isinstance(x, tuple))
+    trajectory.append(params)
+  return trajectory
+
+
+def _run(optimizer, params, num_steps):
+  state = optimizer.init(params)
+  update = jax.jit(optimizer.update)
+  trajectory = []
+  for step in range(num_steps):
+    updates, state = update(_grads(step), state, params)
+    params = optax.apply_updates(params, updates)
+    trajectory.append(params)
+  return trajectory
+
+
+def _max_abs_diff(a, b):
+  return max(jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
+      a, b)))
+
+
+class LarsTest(absltest.TestCase):
+
+  def _lars(self):
+    return optimizers.lars(schedules.learning_rate_schedule(**_SCHEDULE),
+                           weight_decay=_WD, eta=_ETA, momentum=_MOMENTUM)
+
+  def test_matches_reference_with_changing_learning_rate(self):
+    num_steps = 5
+    ours = _run(self._lars(), _params(), num_steps)
+    reference = _reference_lars(_params(), num_steps)
+    for step, (a, b) in enumerate(zip(ours, reference)):
+      with self.subTest(step=step):
+        self.assertLess(_max_abs_diff(a, b), 1e-6)
+    # The parameters did move, by amounts far above the tolerance.
+    self.assertGreater(_max_abs_diff(ours[-1], _params()), 0.5)
+
+  def test_optax_lars_differs_when_learning_rate_changes(self):
+    # optax.lars multiplies by the learning rate before the momentum: the
+    # step-0 gradient (lr_0 = 0 in warmup) never enters its accumulator.
+    num_steps = 5
+    mask = optimizers.exclude_bias_and_norm
+    theirs = _run(optax.lars(schedules.learning_rate_schedule(**_SCHEDULE),
+                             weight_decay=_WD, weight_decay_mask=mask,
+                             trust_coefficient=_ETA, trust_ratio_mask=mask,
+                             eps=0., momentum=_MOMENTUM),
+                  _params(), num_steps)
+    reference = _reference_lars(_params(), num_steps)
+    self.assertGreater(_max_abs_diff(theirs[-1], reference[-1]), 0.1)
+
+  def test_optax_lars_agrees_with_constant_learning_rate(self):
+    # ...and only that: with a constant rate the two rules coincide.
+    mask = optimizers.exclude_bias_and_norm
+    ours = _run(optimizers.lars(0.5, weight_decay=_WD, eta=_ETA,
+                                momentum=_MOMENTUM), _params(), 3)
+    theirs = _run(optax.lars(0.5, weight_decay=_WD, weight_decay_mask=mask,
+                             trust_coefficient=_ETA, trust_ratio_mask=mask,
+                             eps=0., momentum=_MOMENTUM), _params(), 3)
+    self.assertLess(_max_abs_diff(ours[-1], theirs[-1]), 1e-6)
+
+  def test_zero_norm_param_gets_trust_one(self):
+    params = {'linear': {'w': np.zeros((2, 2), np.float32)}}
+    grads = {'linear': {'w': np.full((2, 2), 3., np.float32)}}
+    optimizer = optimizers.lars(0.1, weight_decay=_WD, eta=_ETA)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    # Trust 1, no momentum yet: update = -lr * g.
+    np.testing.assert_allclose(updates['linear']['w'], -0.3, rtol=1e-6)
+
+  def test_zero_gradient_is_finite(self):
+    params = {'linear': {'w': np.ones((2, 2), np.float32)}}
+    grads = {'linear': {'w': np.zeros((2, 2), np.float32)}}
+    optimizer = optimizers.lars(0.1, weight_decay=0., eta=_ETA)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    np.testing.assert_array_equal(updates['linear']['w'], 0.)
+
+  def test_schedule_read_from_optimizer_count(self):
+    optimizer = self._lars()
+    params = {'linear': {'b': np.zeros(1, np.float32)}}
+    grads = {'linear': {'b': np.ones(1, np.float32)}}
+    state = optimizer.init(params)
+    first, state = optimizer.update(grads, state, params)
+    second, state = optimizer.update(grads, state, params)
+    # Bias: no decay, no trust ratio. lr_0 = 0, lr_1 = 1/3, mu_1 = 1.9.
+    np.testing.assert_allclose(first['linear']['b'], 0., atol=1e-7)
+    np.testing.assert_allclose(second['linear']['b'], -1.9 / 3, rtol=1e-6)
+
+
+class MaskTest(absltest.TestCase):
+
+  def test_realistic_haiku_params(self):
+    w = jnp.zeros((1,))
+    params = {
+        'res_net50/~/initial_conv': {'w': w},
+        'res_net50/~/initial_batchnorm': {'scale': w, 'offset': w},
+        'res_net50/~/block_group_0/~/block_0/~/conv_0': {'w': w},
+        'res_net50/~/block_group_0/~/block_0/~/groupnorm_0': {'scale': w,
+                                                               'offset': w},
+        'res_net50/~/block_group_0/~/block_0/~/shortcut_conv': {'w': w},
+        'res_net50/~/block_group_0/~/block_0/~/shortcut_groupnorm': {
+            'scale': w, 'offset': w},
+        'res_net50/~/block_group_1/~/block_0/~/affine_2': {'scale': w,
+                                                           'offset': w},
+        'projector/~/linear_0': {'w': w, 'b': w},
+        'projector/~/layernorm_0': {'scale': w, 'offset': w},
+        'predictor/~/linear_1': {'w': w, 'b': w},
+        'classifier': {'w': w, 'b': w},
+    }
+    mask = optimizers.exclude_bias_and_norm(params)
+    included = sorted(f'{module}:{name}' for module, leaves in mask.items()
+                      for name, value in leaves.items() if value)
+    self.assertEqual(included, [
+        'classifier:w',
+        'predictor/~/linear_1:w',
+        'projector/~/linear_0:w',
+        'res_net50/~/block_group_0/~/block_0/~/conv_0:w',
+        'res_net50/~/block_group_0/~/block_0/~/shortcut_conv:w',
+        'res_net50/~/initial_conv:w',
+    ])
+    self.assertLen(jax.tree.leaves(mask), 19)
+
+  def test_training_state_shaped_tree(self):
+    # Masks also work on nested containers (paths with attribute keys).
+    params = {'online': {'mlp/~/batchnorm': {'scale': 1.}, 'mlp': {'w': 1.}}}
+    self.assertEqual(optimizers.exclude_bias_and_norm(params),
+                     {'online': {'mlp/~/batchnorm': {'scale': False},
+                                 'mlp': {'w': True}}})
+
+
+if __name__ == '__main__':
+  absltest.main()
