@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from byol import augmentations
+from byol import bn_init
 from byol import checkpointing
 from byol import dataset as dataset_lib
 from byol import losses
@@ -155,12 +156,24 @@ def make_encoder(config: ml_collections.ConfigDict,
       width_multiplier=c.width_multiplier,
       stem=c.stem,
       zero_init_last_scale=c.zero_init_last_scale,
-      name='encoder',
       **_norm_kwargs(config, 'encoder', axis_name))
 
 
+def network_config(config: ml_collections.ConfigDict
+                   ) -> ml_collections.ConfigDict:
+  """The config of the network that is trained.
+
+  Under the BN-init protocol the BatchNorm layers exist only for the one
+  initialisation pass; the trained network has `affine` layers instead.
+  """
+  if config.model.init == 'bn_init':
+    return bn_init.affine_config(config)
+  return config
+
+
 def batch_independent(config: ml_collections.ConfigDict) -> bool:
-  """True when no component uses batch statistics."""
+  """True when no component of the trained network uses batch statistics."""
+  config = network_config(config)
   return all(config.model[p].norm != 'bn'
              for p in ('encoder', 'projector', 'predictor'))
 
@@ -172,6 +185,8 @@ def make_forward(config: ml_collections.ConfigDict, num_classes: int,
   Returns a transform whose apply maps (images, is_training) to a dict with
   `embedding`, `projection`, `prediction` (BYOL only) and `logits`.
   """
+
+  config = network_config(config)
 
   def forward(images, is_training):
     embedding = make_encoder(config, axis_name)(images, is_training)
@@ -340,15 +355,28 @@ def make_update_fn(config: ml_collections.ConfigDict,
 def make_init_fn(config: ml_collections.ConfigDict,
                  forward: hk.TransformedWithState,
                  optimizer: optax.GradientTransformation):
-  """Returns `init(rng, images) -> TrainState`."""
+  """Returns `init(rng, images) -> TrainState`.
+
+  Under the BN-init protocol `images` must be a real, augmented, normalized
+  batch (the same on every device, so that replicas agree); otherwise only
+  its shape matters.
+  """
+  num_classes = dataset_lib.num_classes(config.data.dataset)
+
+  def init_network(rng, images):
+    if config.model.init == 'bn_init':
+      return bn_init.bn_initialised_params(
+          config, lambda c: make_forward(c, num_classes, axis_name=None),
+          rng, images)
+    return forward.init(rng, images, True)
 
   def init(rng, images):
     online_rng, target_rng = jax.random.split(rng)
     # Different keys for online and target, as DeepMind's BYOL: the target
     # starts as an independent network and becomes an average of the online.
-    online_params, online_state = forward.init(online_rng, images, True)
+    online_params, online_state = init_network(online_rng, images)
     if config.method == 'byol':
-      target_params, target_state = forward.init(target_rng, images, True)
+      target_params, target_state = init_network(target_rng, images)
     else:
       target_params, target_state = {}, {}
     return TrainState(
@@ -357,6 +385,18 @@ def make_init_fn(config: ml_collections.ConfigDict,
         target_state=target_state, opt_state=optimizer.init(online_params))
 
   return init
+
+
+def state_template(config: ml_collections.ConfigDict) -> TrainState:
+  """Host-side zeros shaped like the training state, for restoring."""
+  num_classes = dataset_lib.num_classes(config.data.dataset)
+  forward = make_forward(config, num_classes, axis_name=None)
+  # The optimizer's state has the same structure whatever the schedule.
+  init = make_init_fn(config, forward, make_optimizer(config, 1, 0))
+  s = config.data.image_size
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
+  return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
 
 
 def params_checksum(params: hk.Params) -> str:
@@ -522,18 +562,29 @@ class PretrainExperiment:
 
   def initial_state(self) -> TrainState:
     rng = jax.random.PRNGKey(self.config.seed)
-    rngs = replicate(rng)
-    return self._init(rngs, self._sample_images())
+    if self.config.model.init == 'bn_init':
+      images = self.bn_init_batch()
+    else:
+      images = self._sample_images()
+    return self._init(replicate(rng), images)
+
+  def bn_init_batch(self) -> np.ndarray:
+    """The augmented, normalized batch of the BN-init pass, on every device."""
+    c = self.config
+    batch = next(dataset_lib.load(
+        dataset_lib.Split.TRAIN_AND_VALID,
+        preprocess_mode=dataset_lib.PreprocessMode.PRETRAIN,
+        batch_dims=[c.model.bn_init_batch_size], dataset=c.data.dataset,
+        image_size=c.data.image_size, data_dir=c.data.data_dir or None,
+        seed=c.seed + 2, deterministic=True))
+    views = jax.jit(lambda b, r: augmentations.postprocess(
+        b, r, c.data.augmentations))(batch, jax.random.PRNGKey(c.seed + 3))
+    images = np.asarray(dataset_lib.normalize(views['view1'],
+                                              dataset=c.data.dataset))
+    return np.broadcast_to(images, (self.local_devices,) + images.shape)
 
   def state_template(self) -> TrainState:
-    """Host-side shapes of the state, for restoring checkpoints."""
-    init = make_init_fn(self.config, make_forward(self.config,
-                                                  self.num_classes, None),
-                        self.optimizer)
-    s = self.config.data.image_size
-    shapes = jax.eval_shape(init, jax.random.PRNGKey(0),
-                            jnp.zeros((1, s, s, 3), jnp.float32))
-    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    return state_template(self.config)
 
   def restore_or_init(self):
     """Returns (replicated state, start step)."""
