@@ -1,0 +1,266 @@
+"""On-device BYOL view augmentations (JAX; jit-, vmap- and pmap-able).
+
+The host supplies two random resized crops per example (`byol.dataset`);
+here each view gets, per image and with that view's probabilities and
+strengths (`config.data.augmentations.view1` / `.view2`, BYOL Table 6):
+
+  1. horizontal flip                      p = flip_prob
+  2. colour jitter                        p = color_jitter_prob
+       brightness, contrast, saturation and hue, in a random order, each
+       clipped to [0, 1] after it is applied
+  3. grayscale                            p = grayscale_prob
+  4. Gaussian blur                        p = blur_prob
+  5. solarization                         p = solarize_prob
+
+Randomness: `postprocess` splits its key per view, then per image; each image
+then draws one vector of independent uniforms, one per random decision (a
+different entry for every op), in a single call: each separate random call is
+its own threefry computation, and under vmap on CPU each costs about a second
+of compile time. Decisions are per image: under vmap a `lax.cond` on a
+per-image predicate becomes a select that evaluates both branches anyway, so
+every op is written as "compute, then `jnp.where`". The outputs stay in
+[0, 1]; the experiment normalises them (`byol.dataset.normalize`).
+
+Strengths and probabilities are read from the view config each call. They may
+be Python numbers or traced arrays (so one compiled function can serve many
+probabilities); only `blur_kernel_fraction` must be a Python number, since it
+fixes the kernel's length.
+"""
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ITU-R 601-2 luma weights, as PIL's and TensorFlow's rgb_to_grayscale.
+GRAYSCALE_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+ViewConfig = Mapping[str, Any]  # a ConfigDict or a dict with the fields below
+VIEW_FIELDS = (
+    'flip_prob', 'color_jitter_prob', 'brightness', 'contrast', 'saturation',
+    'hue', 'grayscale_prob', 'blur_prob', 'blur_sigma_min', 'blur_sigma_max',
+    'blur_kernel_fraction', 'solarize_prob', 'solarize_threshold')
+
+
+def _luma(image):
+  # Written out rather than as a dot product so that XLA fuses it.
+  w_r, w_g, w_b = GRAYSCALE_WEIGHTS
+  return w_r * image[..., 0] + w_g * image[..., 1] + w_b * image[..., 2]
+
+
+def to_grayscale(image: jax.Array) -> jax.Array:
+  """Luma of an [..., 3] RGB image, kept as 3 identical channels."""
+  return jnp.broadcast_to(_luma(image)[..., None], image.shape)
+
+
+def adjust_hue(image, delta):
+  """Rotates the HSV hue of [..., 3] RGB in [0, 1] by `delta` (in turns).
+
+  HSV value (max) and chroma (max - min) are unchanged by a hue rotation, so
+  the RGB -> HSV -> RGB round trip is fused: only the hue is computed, in
+  sixths of a turn, and each output channel is found from it directly.
+  """
+  r, g, b = image[..., 0], image[..., 1], image[..., 2]
+  value = jnp.maximum(jnp.maximum(r, g), b)
+  chroma = value - jnp.minimum(jnp.minimum(r, g), b)
+  safe_chroma = jnp.where(chroma > 0, chroma, 1.)
+  # Hue in [-1, 5) sixths of a turn, by which channel is the maximum.
+  hue6 = jnp.where(value == r, (g - b) / safe_chroma,
+                   jnp.where(value == g, 2. + (b - r) / safe_chroma,
+                             4. + (r - g) / safe_chroma))
+  hue6 = hue6 + 6. * delta
+
+  # Channel n (R: 5, G: 3, B: 1) lies below the value by the chroma times
+  # clip(min(k, 4 - k), 0, 1), k = (n + hue6) mod 6.
+  def channel(n):
+    k = n + hue6
+    k = k - 6. * jnp.floor(k / 6.)
+    return value - chroma * jnp.clip(jnp.minimum(k, 4. - k), 0., 1.)
+
+  out = jnp.stack([channel(5.), channel(3.), channel(1.)], axis=-1)
+  return jnp.clip(out, 0., 1.)
+
+
+def adjust_brightness(image, delta):
+  """Adds `delta` to every channel, clips to [0, 1]."""
+  return jnp.clip(image + delta, 0., 1.)
+
+
+def adjust_contrast(image, factor):
+  """Scales [H, W, C] around each channel's mean by `factor`, clips."""
+  mean = jnp.mean(image, axis=(-3, -2), keepdims=True)  # per channel
+  return jnp.clip((image - mean) * factor + mean, 0., 1.)
+
+
+def adjust_saturation(image, factor):
+  """Blends with the grayscale image (factor 0: gray, 1: unchanged), clips."""
+  gray = to_grayscale(image)
+  return jnp.clip(gray + (image - gray) * factor, 0., 1.)
+
+
+def solarize(image, threshold=0.5):
+  """Inverts the values at or above `threshold`: x < t ? x : 1 - x."""
+  return jnp.where(image < threshold, image, 1. - image)
+
+
+def blur_kernel_size(image_side: int, fraction: float) -> int:
+  """Odd number of taps ~ fraction * side, at least 3 (23 at 224 px, 0.1)."""
+  return max(3, 2 * (int(fraction * image_side) // 2) + 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _reflect_taps(size: int, radius: int) -> np.ndarray:
+  """[2r+1, size, size] 0/1: tap t of output i reads input j (reflect pad)."""
+  source = np.arange(size)[:, None] + np.arange(-radius, radius + 1)[None]
+  source = np.abs(source)  # reflect at 0: -1 -> 1
+  source = np.where(source > size - 1, 2 * (size - 1) - source, source)
+  taps = np.zeros((2 * radius + 1, size, size), np.float32)
+  taps[np.arange(2 * radius + 1)[None], np.arange(size)[:, None],
+       source] = 1.
+  return taps
+
+
+def gaussian_blur(image: jax.Array, sigma, kernel_size: int) -> jax.Array:
+  """Separable Gaussian blur of one [H, W, C] image.
+
+  Reflect padding keeps a constant image constant everywhere (the borders
+  included); the kernel is normalised to sum to one. Each 1-D pass is a
+  matrix product with a banded [side, side] matrix that has the padding
+  folded in: matrix units (and CPUs) run that far faster than a convolution
+  whose kernel differs per image, as it does under vmap.
+  """
+  height, width = image.shape[-3], image.shape[-2]
+  radius = min(kernel_size // 2, height - 1, width - 1)
+  offsets = jnp.arange(-radius, radius + 1, dtype=image.dtype)
+  kernel = jnp.exp(-0.5 * (offsets / sigma) ** 2)
+  kernel = kernel / jnp.sum(kernel)
+  rows = jnp.tensordot(kernel, _reflect_taps(height, radius), axes=1)
+  cols = jnp.tensordot(kernel, _reflect_taps(width, radius), axes=1)
+  image = jnp.einsum('ij,jwc->iwc', rows, image,
+                     precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum('wv,ivc->iwc', cols, image,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def _blend(image, scale, gray_weight, mean_weight, offset):
+  """clip(scale * x + gray_weight * gray(x) + mean_weight * mean(x) + offset).
+
+  Brightness, contrast and saturation are each one instance of this map, so a
+  randomly chosen one of them costs one evaluation (a select of four scalars)
+  rather than one evaluation of every candidate.
+  """
+  gray = _luma(image)
+  mean = jnp.mean(image, axis=(-3, -2))  # per channel
+  return jnp.clip(scale * image + gray_weight * gray[..., None] +
+                  mean_weight * mean + offset, 0., 1.)
+
+
+def _color_jitter(image, u, cfg: ViewConfig):
+  """Brightness, contrast, saturation and hue in a random order.
+
+  Each adjustment is clipped to [0, 1] before the next one. `u` holds eight
+  independent U[0, 1) numbers: four strengths, then four order keys.
+  """
+  lo = jnp.asarray([-cfg['brightness'], 1 - cfg['contrast'],
+                    1 - cfg['saturation'], -cfg['hue']], image.dtype)
+  hi = jnp.asarray([cfg['brightness'], 1 + cfg['contrast'],
+                    1 + cfg['saturation'], cfg['hue']], image.dtype)
+  delta_b, factor_c, factor_s, delta_h = lo + (hi - lo) * u[:4]
+  # _blend parameters of brightness (0), contrast (1), saturation (2).
+  zero = jnp.zeros_like(delta_b)
+  params = jnp.stack([
+      jnp.stack([zero + 1., zero, zero, delta_b]),
+      jnp.stack([factor_c, zero, 1. - factor_c, zero]),
+      jnp.stack([factor_s, 1. - factor_s, zero, zero])])
+  identity = jnp.stack([zero + 1., zero, zero, zero])
+
+  # A random order of the four ops: op i comes at position rank[i] (3 = hue).
+  # Ranks from pairwise comparisons of uniforms: cheaper to compile under
+  # vmap than a sort-based permutation.
+  u = u[4:]
+  rank = jnp.sum(u[None, :] < u[:, None], axis=1)
+  # Hue, the costly op, is evaluated once. The three cheap ops keep their
+  # relative order in three slots; a slot runs before hue if its op comes
+  # before hue, after it otherwise (the other run of the slot is identity).
+  hue_at = rank[3]
+  cheap_rank = jnp.sum(u[None, :3] < u[:3, None], axis=1)
+  slot_params = [jnp.sum(jnp.where((cheap_rank == t)[:, None], params, 0.),
+                         axis=0) for t in range(3)]
+  for t in range(3):
+    image = _blend(image, *jnp.where(t < hue_at, slot_params[t], identity))
+  image = adjust_hue(image, delta_h)
+  for t in range(3):
+    image = _blend(image, *jnp.where(t >= hue_at, slot_params[t], identity))
+  return image
+
+
+def augment_view(image: jax.Array, rng: jax.Array,
+                 view_config: ViewConfig) -> jax.Array:
+  """Augments one [H, W, 3] image in [0, 1] with one view's settings.
+
+  Args:
+    image: float [H, W, 3] in [0, 1].
+    rng: a PRNG key, used for this image only.
+    view_config: the view's fields (see VIEW_FIELDS), e.g.
+      `config.data.augmentations.view1`.
+
+  Returns:
+    The augmented image, same shape and dtype, in [0, 1].
+  """
+  cfg = view_config
+  # All of the image's random numbers in one draw, one (or, for the jitter,
+  # eight) per decision: one threefry call instead of one per op, which
+  # matters for compile time under vmap on CPU (seconds per call).
+  u = jax.random.uniform(rng, (14,), dtype=image.dtype)
+  u_flip, u_jitter_on, u_gray, u_blur_on, u_sigma, u_solarize = u[:6]
+  u_jitter = u[6:14]
+
+  image = jnp.where(u_flip < cfg['flip_prob'], image[:, ::-1], image)
+
+  image = jnp.where(u_jitter_on < cfg['color_jitter_prob'],
+                    _color_jitter(image, u_jitter, cfg), image)
+
+  image = jnp.where(u_gray < cfg['grayscale_prob'], to_grayscale(image), image)
+
+  sigma = cfg['blur_sigma_min'] + (
+      cfg['blur_sigma_max'] - cfg['blur_sigma_min']) * u_sigma
+  taps = blur_kernel_size(image.shape[0], cfg['blur_kernel_fraction'])
+  image = jnp.where(u_blur_on < cfg['blur_prob'],
+                    gaussian_blur(image, sigma, taps), image)
+
+  image = jnp.where(u_solarize < cfg['solarize_prob'],
+                    solarize(image, cfg['solarize_threshold']), image)
+  return jnp.clip(image, 0., 1.)
+
+
+def _augment_images(images, rng, view_config):
+  """vmaps `augment_view` over any leading dims of [..., H, W, 3] images."""
+  lead = images.shape[:-3]
+  flat = images.reshape((-1,) + images.shape[-3:])
+  keys = jax.random.split(rng, flat.shape[0])
+  out = jax.vmap(lambda x, k: augment_view(x, k, view_config))(flat, keys)
+  return out.reshape(lead + images.shape[-3:])
+
+
+def postprocess(inputs: Mapping[str, jax.Array], rng: jax.Array,
+                config) -> dict:
+  """Augments the two views of a PRETRAIN batch, on device.
+
+  Args:
+    inputs: {'view1', 'view2', ...}: float [..., H, W, 3] images in [0, 1]
+      (the leading dims, e.g. [per_device_batch], are kept); other entries
+      (labels) pass through.
+    rng: a PRNG key; split into one key per view and then per image.
+    config: `config.data.augmentations`, with `view1` and `view2` fields.
+      Close over it (functools.partial) when jitting: it is not an array.
+
+  Returns:
+    A dict like `inputs` with both views augmented (still in [0, 1]).
+  """
+  rng1, rng2 = jax.random.split(rng)
+  out = dict(inputs)
+  out['view1'] = _augment_images(inputs['view1'], rng1, config['view1'])
+  out['view2'] = _augment_images(inputs['view2'], rng2, config['view2'])
+  return out

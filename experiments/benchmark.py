@@ -1,0 +1,227 @@
+r"""Train-step throughput of BN, GN+WS and no-norm BYOL, side by side in one run.
+
+For each size (a config preset plus overrides) and each normalization, the
+pretraining update step is compiled once and timed on a fixed batch: the
+median images/s over timed steps after warm-up, the compile time, XLA's
+memory estimate of the step (arguments + temporaries) and its FLOPs per image.
+The input pipeline's images/s for the same size is measured beside it. All
+variants of a size run in the same process, one after the other, so their
+ratios are comparable even on a noisy machine.
+
+  ./run.sh bench                                  # every size below
+  python experiments/benchmark.py --sizes=local --steps=20
+  python experiments/benchmark.py --sizes=resnet50_224 --dtype=bfloat16
+
+Results: a table on stdout, and JSON in --json (default
+experiments/results/benchmark_<platform>.json).
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import numpy as np
+
+from byol import experiment
+from configs import byol as byol_config
+
+SIZES = {
+    # name: (config variants, overrides, whether to time the input pipeline)
+    'local': ('local', {}, True),
+    'resnet18_32': ('local', {
+        'model.encoder.blocks_per_group': (),
+        'model.encoder.depth': 18,
+        'model.encoder.width_multiplier': 1.0,
+        'model.encoder.num_groups': 16,
+        'model.projector.hidden_size': 1024,
+        'model.projector.output_size': 128,
+        'model.projector.num_groups': 16,
+        'model.predictor.hidden_size': 1024,
+        'model.predictor.output_size': 128,
+        'model.predictor.num_groups': 16,
+        'data.image_size': 32,
+        'training.batch_size': 64,
+    }, True),
+    'resnet50_224': ('gnws', {
+        'data.dataset': 'fashion_mnist',  # shapes only; no ImageNet needed
+        'training.batch_size': 8,
+    }, False),
+}
+
+NORM_VARIANTS = {
+    'bn': ('bn', False),
+    'gn+ws': ('gn', True),
+    'none': ('none', False),
+}
+
+_SIZES = flags.DEFINE_list('sizes', list(SIZES), 'Sizes to measure.')
+_NORMS = flags.DEFINE_list('norms', list(NORM_VARIANTS), 'Normalizations.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per variant.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
+_BATCH = flags.DEFINE_integer('batch_size', 0, 'Override every batch size.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'Compute dtype.')
+_INPUT = flags.DEFINE_bool('input', True, 'Also time the input pipeline.')
+_JSON = flags.DEFINE_string('json', None, 'Where to write the results.')
+
+
+def make_config(size, norm, ws):
+  variants, overrides, _ = SIZES[size]
+  c = byol_config.get_config(variants)
+  c.unlock()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  for part in ('encoder', 'projector', 'predictor'):
+    c.model[part].norm = norm
+    c.model[part].weight_standardization = ws
+  if _BATCH.value:
+    c.training.batch_size = _BATCH.value
+  c.model.dtype = _DTYPE.value
+  c.training.max_steps = 1000
+  c.lock()
+  return c
+
+
+def time_step(config):
+  """Compiles and times the pmapped update step on a fixed random batch."""
+  n = jax.local_device_count()
+  per_device = experiment.per_device_batch(config, jax.device_count())
+  s = config.data.image_size
+  rng = np.random.RandomState(0)
+  shape = (n, 1, per_device, s, s, 3)
+  batch = {'view1': rng.uniform(size=shape).astype(np.float32),
+           'view2': rng.uniform(size=shape).astype(np.float32),
+           'labels': rng.randint(0, 10, size=shape[:3]).astype(np.int32)}
+  forward = experiment.make_forward(config, 10, experiment.AXIS)
+  optimizer = experiment.make_optimizer(config, 1000, 10)
+  init = jax.pmap(experiment.make_init_fn(config, forward, optimizer),
+                  axis_name=experiment.AXIS)
+  update = jax.pmap(experiment.make_update_fn(config, forward, optimizer, 1000),
+                    axis_name=experiment.AXIS, donate_argnums=(0,))
+  key = experiment.replicate(jax.random.PRNGKey(0))
+  state = init(key, np.zeros((n, per_device, s, s, 3), np.float32))
+  batch = jax.tree.map(lambda x: jax.device_put(
+      x, experiment.local_mesh_sharding()), batch)
+  t0 = time.perf_counter()
+  lowered = update.lower(state, batch, key)
+  compiled = lowered.compile()
+  compile_sec = time.perf_counter() - t0
+  flops = memory = None
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get('flops', 0.0)) or None
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    m = compiled.memory_analysis()
+    memory = (m.argument_size_in_bytes + m.output_size_in_bytes +
+              m.temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  for _ in range(_WARMUP.value):
+    state, logs = compiled(state, batch, key)
+  jax.block_until_ready(logs)
+  times = []
+  for _ in range(_STEPS.value):
+    t = time.perf_counter()
+    state, logs = compiled(state, batch, key)
+    jax.block_until_ready(logs)
+    times.append(time.perf_counter() - t)
+  global_batch = config.training.batch_size
+  median = statistics.median(times)
+  device_mem = None
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    device_mem = stats['peak_bytes_in_use']
+  return {
+      'images_per_sec': global_batch / median,
+      'step_ms': 1000 * median,
+      'compile_sec': compile_sec,
+      'xla_memory_mb': memory / 2**20 if memory else None,
+      'device_peak_mb': device_mem / 2**20 if device_mem else None,
+      # XLA's count for the whole step (two views, online + target), per
+      # image of the global batch.
+      'gflops_per_image': (flops * jax.device_count() / global_batch / 1e9
+                           if flops else None),
+  }
+
+
+def time_input(config, steps=20):
+  """images/s of the host PRETRAIN pipeline at this size."""
+  from byol import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  it = dataset_lib.load(
+      dataset_lib.Split.TRAIN_AND_VALID,
+      preprocess_mode=dataset_lib.PreprocessMode.PRETRAIN,
+      batch_dims=[config.training.batch_size], dataset=config.data.dataset,
+      image_size=config.data.image_size, deterministic=False)
+  for _ in range(3):
+    next(it)
+  t = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  return config.training.batch_size * steps / (time.perf_counter() - t)
+
+
+def main(argv):
+  del argv
+  platform = jax.devices()[0].platform
+  results = {'platform': platform, 'device': str(jax.devices()[0].device_kind),
+             'num_devices': jax.device_count(), 'dtype': _DTYPE.value,
+             'steps': _STEPS.value, 'sizes': {}}
+  print(f'# BYOL train step, {jax.device_count()} x {results["device"]} '
+        f'({platform}), {_DTYPE.value}, median of {_STEPS.value} steps')
+  header = ('| size | norm | batch | images/s | time/bn | step ms | compile s | '
+            'XLA MB | GFLOP/img |')
+  print(header)
+  print('|' + '---|' * (header.count('|') - 1))
+  for size in _SIZES.value:
+    if size not in SIZES:
+      print(f'error: unknown size {size!r}; choose from {", ".join(SIZES)}',
+            file=sys.stderr)
+      sys.exit(2)
+    row = {}
+    for name in _NORMS.value:
+      norm, ws = NORM_VARIANTS[name]
+      config = make_config(size, norm, ws)
+      r = time_step(config)
+      row[name] = r
+      # Step time relative to BatchNorm's: <= 1.00 means no slower than BN.
+      ratio = (r['step_ms'] / row['bn']['step_ms'] if 'bn' in row
+               else float('nan'))
+      r['step_time_vs_bn'] = ratio
+      print(f'| {size} | {name} | {config.training.batch_size} | '
+            f'{r["images_per_sec"]:.1f} | {ratio:.2f} | {r["step_ms"]:.1f} | '
+            f'{r["compile_sec"]:.1f} | '
+            f'{r["xla_memory_mb"] or float("nan"):.0f} | '
+            f'{r["gflops_per_image"] or float("nan"):.2f} |', flush=True)
+    if _INPUT.value and SIZES[size][2]:
+      config = make_config(size, 'gn', True)
+      row['input_pipeline_images_per_sec'] = time_input(config)
+      print(f'| {size} | input pipeline | {config.training.batch_size} | '
+            f'{row["input_pipeline_images_per_sec"]:.1f} | | | | | |',
+            flush=True)
+    results['sizes'][size] = row
+  path = _JSON.value or os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), 'results',
+      f'benchmark_{platform}.json')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  print(f'# written to {path}')
+
+
+if __name__ == '__main__':
+  app.run(main)

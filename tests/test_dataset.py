@@ -1,0 +1,356 @@
+"""Tests of byol.dataset: split sizes, crops, sharding, determinism, resume."""
+
+import collections
+import hashlib
+import math
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from byol import dataset
+from byol import errors
+
+Split, Mode = dataset.Split, dataset.PreprocessMode
+
+_FASHION_DIR = (os.environ.get(dataset.FASHION_MNIST_ENV) or
+                dataset.FASHION_MNIST_DEBIAN_DIR)
+needs_fashion_mnist = pytest.mark.skipif(
+    not all(os.path.isfile(os.path.join(_FASHION_DIR, f))
+            for f in dataset.FASHION_MNIST_FILES.values()),
+    reason=f'Fashion-MNIST idx files not in {_FASHION_DIR} '
+           '(apt-get install dataset-fashion-mnist)')
+
+
+def _fashion(split, mode, batch_dims, **kwargs):
+  kwargs.setdefault('image_size', 24)
+  kwargs.setdefault('process_index', 0)
+  kwargs.setdefault('process_count', 1)
+  return dataset.load(split, preprocess_mode=mode, batch_dims=batch_dims,
+                      dataset='fashion_mnist', **kwargs)
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+# --- split sizes, classes, normalization -----------------------------------
+
+
+@pytest.mark.parametrize('name, sizes', [
+    ('imagenet2012', (1_281_167, 1_271_167, 10_000, 50_000)),
+    ('fashion_mnist', (60_000, 50_000, 10_000, 10_000)),
+])
+def test_num_examples(name, sizes):
+  splits = (Split.TRAIN_AND_VALID, Split.TRAIN, Split.VALID, Split.TEST)
+  assert tuple(dataset.num_examples(s, name) for s in splits) == sizes
+  assert (dataset.num_examples(Split.TRAIN, name) +
+          dataset.num_examples(Split.VALID, name) ==
+          dataset.num_examples(Split.TRAIN_AND_VALID, name))
+
+
+def test_num_classes():
+  assert [dataset.num_classes(d) for d in dataset.DATASETS] == [1000, 10, 1000]
+
+
+def test_normalize_numpy_and_jax():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  mean = np.asarray(dataset.IMAGENET_MEAN, np.float32)
+  std = np.asarray(dataset.IMAGENET_STD, np.float32)
+  x = np.stack([mean, mean + std])
+  out_np = dataset.normalize(x, 'imagenet2012')
+  out_jnp = dataset.normalize(jnp.asarray(x), 'mock')
+  assert isinstance(out_np, np.ndarray)
+  np.testing.assert_allclose(out_np, [[0, 0, 0], [1, 1, 1]], atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out_jnp), out_np, atol=1e-6)
+  np.testing.assert_allclose(
+      dataset.normalize(np.full((2, 3), 0.2860406), 'fashion_mnist'), 0.,
+      atol=1e-6)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_stats_match_train_set():
+  pixels = dataset._read_idx(os.path.join(  # pylint: disable=protected-access
+      _FASHION_DIR, dataset.FASHION_MNIST_FILES['train_images'])) / 255.
+  mean, std = dataset.normalization_stats('fashion_mnist')
+  assert abs(pixels.mean() - mean[0]) < 1e-6
+  assert abs(pixels.std() - std[0]) < 1e-6
+
+
+# --- crop sampling -----------------------------------------------------------
+
+
+def _boxes(height, width, n, seed=(3, 5), **kwargs):
+  return dataset.sample_crop_boxes(np.asarray(seed, np.int64), height, width,
+                                   n, **kwargs).numpy()
+
+
+def test_crop_area_and_aspect_distribution():
+  # On a large square image rounding is negligible and the accepted
+  # (area fraction a, log ratio l) are uniform on {a <= exp(-|l|)} within
+  # [0.08, 1] x [-L/2, L/2], L = log(16/9): attempts that do not fit are
+  # rejected (10 of them all failing has probability ~3e-9).
+  n, side = 20_000, 2_000
+  y, x, h, w = _boxes(side, side, n).T
+  assert (y >= 0).all() and (x >= 0).all()
+  assert (y + h <= side).all() and (x + w <= side).all()
+  area = h * w / side**2
+  log_ratio = np.log(w / h)
+  half = math.log(4 / 3)
+  assert area.min() >= 0.08 - 1e-3 and area.max() <= 1.
+  assert np.abs(log_ratio).max() <= half + 1e-3
+  region = 2 * (1 - math.exp(-half)) - 0.08 * 2 * half  # 0.45397
+  expected_mean = ((1 - math.exp(-2 * half)) / 2 - 0.08**2 * half) / region
+  se = area.std() / math.sqrt(n)
+  assert abs(area.mean() - expected_mean) < 3 * se  # 0.4778
+  # Below a = 3/4 nothing is rejected: there a ~ U[0.08, 0.75] and
+  # l ~ U[-L/2, L/2], independently, carrying 0.8492 of the mass.
+  small = area <= 0.75
+  p_small = 0.67 * 2 * half / region
+  assert abs(small.mean() - p_small) < 3 * math.sqrt(p_small *
+                                                      (1 - p_small) / n)
+  a, l = area[small], log_ratio[small]
+  assert abs(a.mean() - 0.415) < 3 * 0.67 / math.sqrt(12 * a.size)
+  assert abs(l.mean()) < 3 * 2 * half / math.sqrt(12 * l.size)
+  assert abs(l.var() - (2 * half)**2 / 12) < 0.03 * (2 * half)**2 / 12
+  quarters = np.histogram(l, bins=4, range=(-half, half))[0] / l.size
+  assert np.abs(quarters - 0.25).max() < 3 * math.sqrt(0.25 * 0.75 / l.size)
+  # Offsets are uniform over the free range.
+  free = side - h
+  assert abs(np.mean(y / np.maximum(free, 1)) - 0.5) < 0.01
+
+
+def test_crop_boxes_on_28_pixel_images():
+  y, x, h, w = _boxes(28, 28, 5_000).T
+  assert ((y >= 0) & (x >= 0) & (y + h <= 28) & (x + w <= 28)).all()
+  area = h * w / 28**2
+  assert area.min() >= 0.07 and area.max() <= 1.
+  assert abs(area.mean() - 0.478) < 0.02  # rounding moves it a little
+
+
+def test_crop_fallback_is_clamped_centre_crop():
+  # An impossible aspect range forces the fallback: the centre crop of the
+  # whole image with its ratio clamped to [3, 4] (width / height).
+  boxes = _boxes(100, 100, 4, aspect_ratio_range=(3., 4.),
+                 area_range=(0.9, 1.))
+  np.testing.assert_array_equal(boxes, [[33, 0, 33, 100]] * 4)
+
+
+def test_crop_boxes_are_a_function_of_the_seed():
+  np.testing.assert_array_equal(_boxes(50, 70, 8, seed=(1, 2)),
+                                _boxes(50, 70, 8, seed=(1, 2)))
+  assert (_boxes(50, 70, 8, seed=(1, 2)) !=
+          _boxes(50, 70, 8, seed=(1, 3))).any()
+
+
+# --- Fashion-MNIST pipelines -------------------------------------------------
+
+
+def _eval_examples(batches):
+  """(count per class, multiset of (label, image hash)) of masked batches."""
+  keys = collections.Counter()
+  for b in batches:
+    images = np.round(b['images'].reshape((-1,) + b['images'].shape[-3:]) *
+                      255).astype(np.uint8)
+    for image, label, m in zip(images, b['labels'].ravel(), b['mask'].ravel()):
+      if m:
+        keys[(int(label), hashlib.sha1(image.tobytes()).hexdigest())] += 1
+  return keys
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_eval_sees_every_test_example_once():
+  batches = list(_fashion(Split.TEST, Mode.EVAL, [2, 256], image_size=28))
+  assert len(batches) == math.ceil(10_000 / 512) == 20
+  b = batches[0]
+  assert b['images'].shape == (2, 256, 28, 28, 3)
+  assert b['images'].dtype == np.float32 and b['labels'].shape == (2, 256)
+  masks = np.stack([b['mask'] for b in batches])
+  assert masks.sum() == 10_000
+  assert batches[-1]['mask'].sum() == 10_000 - 19 * 512
+  assert batches[-1]['mask'].ravel()[-1] == 0
+  labels = np.concatenate([b['labels'].ravel()[b['mask'].ravel() > 0]
+                           for b in batches])
+  np.testing.assert_array_equal(np.bincount(labels, minlength=10), [1000] * 10)
+  images = np.stack([b['images'] for b in batches])
+  assert images.min() >= 0 and images.max() <= 1
+  # Gray -> RGB, and at the source size the "resize" is the identity.
+  np.testing.assert_array_equal(b['images'][..., 0], b['images'][..., 2])
+  raw = dataset._read_idx(os.path.join(  # pylint: disable=protected-access
+      _FASHION_DIR, dataset.FASHION_MNIST_FILES['test_images']))
+  np.testing.assert_allclose(b['images'][0, :, :, :, 1] * 255, raw[:256],
+                             atol=1e-2)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_shards_are_disjoint_and_cover_the_split():
+  whole = _eval_examples(_fashion(Split.TEST, Mode.EVAL, [300]))
+  shards = [list(_fashion(Split.TEST, Mode.EVAL, [300], process_index=i,
+                          process_count=3)) for i in range(3)]
+  # Every process yields the same number of batches (ceil(3334 / 300)).
+  assert [len(s) for s in shards] == [12, 12, 12]
+  counts = [_eval_examples(s) for s in shards]
+  assert [sum(c.values()) for c in counts] == [3333, 3333, 3334]
+  assert sum(counts, collections.Counter()) == whole
+  assert sum(whole.values()) == 10_000
+
+
+def test_shard_ranges_partition_every_split():
+  for count in (10, 1_271_167, 50_000):
+    for processes in (1, 3, 7):
+      ranges = [dataset._shard_range(5, count, i, processes)  # pylint: disable=protected-access
+                for i in range(processes)]
+      assert ranges[0][0] == 5 and ranges[-1][1] == 5 + count
+      assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+      sizes = [e - b for b, e in ranges]
+      assert max(sizes) - min(sizes) <= 1
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_pretrain_batches():
+  b = next(_fashion(Split.TRAIN, Mode.PRETRAIN, [2, 16]))
+  assert set(b) == {'view1', 'view2', 'labels'}
+  assert b['view1'].shape == b['view2'].shape == (2, 16, 24, 24, 3)
+  assert b['labels'].shape == (2, 16) and b['labels'].dtype == np.int32
+  for v in (b['view1'], b['view2']):
+    assert v.dtype == np.float32 and v.min() >= 0 and v.max() <= 1
+  # Two independent crops of each image.
+  assert np.abs(b['view1'] - b['view2']).mean() > 0.01
+  lin = next(_fashion(Split.TRAIN, Mode.LINEAR_TRAIN, [8]))
+  assert set(lin) == {'images', 'labels'}
+  assert lin['images'].shape == (8, 24, 24, 3)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_is_deterministic_given_the_seed():
+  run = lambda seed: _take(_fashion(Split.TRAIN, Mode.PRETRAIN, [64],
+                                    seed=seed, deterministic=True), 3)
+  a, b, c = run(0), run(0), run(1)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert not np.array_equal(a[0]['labels'], c[0]['labels'])
+  assert not np.array_equal(a[0]['view1'], c[0]['view1'])
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_start_step_equals_skipping_batches():
+  # 50 processes: a shard of 1,000 examples, so that batch 3 (positions
+  # 768..1023) straddles the first epoch boundary.
+  kwargs = dict(seed=7, deterministic=True, process_index=4, process_count=50)
+  fresh = _take(_fashion(Split.TRAIN, Mode.PRETRAIN, [256], **kwargs), 7)
+  resumed = _take(_fashion(Split.TRAIN, Mode.PRETRAIN, [256], start_step=3,
+                           **kwargs), 4)
+  for x, y in zip(fresh[3:], resumed):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  # The epoch boundary is a reshuffle: labels of epoch 0 and 1 differ in order.
+  epoch0 = np.concatenate([b['labels'] for b in fresh])[:1000]
+  epoch1 = np.concatenate([b['labels'] for b in fresh])[1000:1792]
+  assert np.bincount(epoch0, minlength=10).sum() == 1000
+  assert not np.array_equal(epoch0[:792], epoch1)
+
+
+# --- mock ImageNet: the imagenet2012 code path -------------------------------
+
+
+def test_mock_imagenet_pretrain_and_linear_train():
+  with tfds.testing.mock_data(num_examples=12):
+    it = dataset.load(Split.TRAIN, preprocess_mode=Mode.PRETRAIN,
+                      batch_dims=[2, 3], dataset='mock', image_size=32,
+                      process_index=0, process_count=1)
+    batches = _take(it, 3)  # 18 > 12 examples: the stream repeats
+    lin = next(dataset.load(Split.TRAIN, preprocess_mode=Mode.LINEAR_TRAIN,
+                            batch_dims=[5], dataset='mock', image_size=40,
+                            process_index=0, process_count=1))
+  for b in batches:
+    assert b['view1'].shape == b['view2'].shape == (2, 3, 32, 32, 3)
+    assert b['labels'].shape == (2, 3)
+    assert 0 <= b['labels'].min() and b['labels'].max() < 1000
+    for v in (b['view1'], b['view2']):
+      assert v.dtype == np.float32 and v.min() >= 0 and v.max() <= 1
+      assert v.std() > 0.01
+  assert lin['images'].shape == (5, 40, 40, 3) and lin['labels'].shape == (5,)
+
+
+def test_mock_imagenet_eval_pads_the_last_batch():
+  with tfds.testing.mock_data(num_examples=10):
+    batches = list(dataset.load(
+        Split.TEST, preprocess_mode=Mode.EVAL, batch_dims=[4],
+        dataset='mock', image_size=24, process_index=0, process_count=1))
+  assert len(batches) == 3
+  np.testing.assert_array_equal(batches[-1]['mask'], [1, 1, 0, 0])
+  assert sum(b['mask'].sum() for b in batches) == 10
+  images = np.stack([b['images'] for b in batches])
+  assert images.shape == (3, 4, 24, 24, 3)
+  assert images.min() >= 0 and images.max() <= 1
+  assert (batches[-1]['images'][2:] == 0).all()
+
+
+def test_mock_imagenet_start_step_equals_skipping_batches():
+  kwargs = dict(preprocess_mode=Mode.PRETRAIN, batch_dims=[4], dataset='mock',
+                image_size=16, seed=3, deterministic=True, process_index=0,
+                process_count=1)
+  with tfds.testing.mock_data(num_examples=10):
+    fresh = _take(dataset.load(Split.TRAIN, **kwargs), 6)
+    resumed = _take(dataset.load(Split.TRAIN, start_step=3, **kwargs), 3)
+  for x, y in zip(fresh[3:], resumed):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_mock_without_a_context_mocks_itself():
+  b = next(dataset.load(Split.VALID, preprocess_mode=Mode.EVAL,
+                        batch_dims=[8], dataset='mock', image_size=16,
+                        process_index=0, process_count=1))
+  assert b['images'].shape == (8, 16, 16, 3) and b['mask'].sum() == 8
+
+
+# --- errors ------------------------------------------------------------------
+
+
+def test_missing_fashion_mnist_names_both_remedies(tmp_path):
+  # An empty folder: no idx files, and tfds (looking there, no download)
+  # finds nothing either.
+  with pytest.raises(dataset.DatasetNotFoundError) as info:
+    _fashion(Split.TEST, Mode.EVAL, [8], data_dir=str(tmp_path))
+  message = str(info.value)
+  assert isinstance(info.value, dataset.DatasetError)
+  assert isinstance(info.value, ValueError)
+  assert isinstance(info.value, errors.UserError)  # main.py: one error line
+  assert '\n' not in message
+  assert 'apt-get install dataset-fashion-mnist' in message
+  assert "tfds.load('fashion_mnist')" in message
+  assert str(tmp_path) in message and dataset.FASHION_MNIST_ENV in message
+
+
+@pytest.mark.parametrize('kwargs, words', [
+    (dict(dataset='cifar10'), 'imagenet2012, fashion_mnist, mock'),
+    (dict(batch_dims=[4, 0]), 'positive'),
+    (dict(batch_dims=[]), 'non-empty'),
+    (dict(image_size=0), 'image_size'),
+    (dict(process_index=3, process_count=3), 'process_index'),
+    (dict(start_step=-1), 'start_step'),
+])
+def test_bad_arguments_raise_dataset_error(kwargs, words):
+  args = dict(preprocess_mode=Mode.EVAL, batch_dims=[4],
+              dataset='fashion_mnist', process_index=0, process_count=1)
+  args.update(kwargs)
+  with pytest.raises(dataset.DatasetError, match=words):
+    dataset.load(Split.TEST, **args)
+
+
+def test_unknown_split_name():
+  with pytest.raises(dataset.DatasetError, match='train_and_valid'):
+    dataset.num_examples('training', 'fashion_mnist')
+  assert dataset.num_examples('valid', 'fashion_mnist') == 10_000
+
+
+def test_missing_imagenet_names_the_manual_dir(tmp_path):
+  with pytest.raises(dataset.DatasetNotFoundError) as info:
+    dataset.load(Split.TRAIN, preprocess_mode=Mode.PRETRAIN, batch_dims=[8],
+                 data_dir=str(tmp_path), process_index=0, process_count=1)
+  message = str(info.value)
+  assert '\n' not in message and 'ILSVRC2012_img_train.tar' in message
+  assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
