@@ -11,6 +11,7 @@ checkpoint) ends with one `error: ...` line on stderr and exit status 2.
 
 import json
 import os
+import re
 import sys
 
 # Keep TensorFlow (used only for input pipelines and TensorBoard) quiet and off
@@ -43,12 +44,33 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(str(e).splitlines()[0])
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    # config_flags embeds the traceback of a failing get_config(): its last
+    # line is the exception that says what is wrong.
+    message = lines[-1] if 'Traceback' in str(e) else lines[0]
+    fail(re.sub(r'^\w+(Error|Exception): ', '', message))
   except (ValueError, TypeError, KeyError, AttributeError) as e:
     # Raised by config_flags for unknown fields, wrong types and by a
     # config's get_config for unknown variants.
     fail(f'bad --config: {str(e).splitlines()[0]}')
+  except OSError as e:
+    fail(f'cannot read the config file: {e.strerror or e}')
   return None
+
+
+def _load_config():
+  """The resolved config; config_flags defers load errors to first use."""
+  if _CONFIG.value is None:
+    fail('--config is required, e.g. --config=configs/byol.py:local')
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # touches every field, so deferred errors surface here
+  except OSError as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    fail(f'cannot load the config: {lines[-1] if lines else e}')
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    fail(f'bad --config: {str(e).splitlines()[0]}')
+  return config
 
 
 def _workdir() -> str:
@@ -92,12 +114,11 @@ def _run(config, workdir):
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _CONFIG.value is None:
-    fail('--config is required, e.g. --config=configs/byol.py:local')
+  config = _load_config()
   workdir = _workdir()
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.ERROR)
   try:
-    _run(_CONFIG.value, workdir)
+    _run(config, workdir)
   except UserError as e:
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

@@ -7,6 +7,7 @@ state, checkpoints and logging around it.
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -637,11 +638,17 @@ class PretrainExperiment:
     """Runs (or resumes) pretraining to the end; returns the summary."""
     self._check_workdir()
     state, start = self.restore_or_init()
+    inputs = iter(())
+    if start < self.total_steps:
+      # The first batch is read before anything is written, so that a missing
+      # or unreadable dataset leaves the workdir as it was.
+      inputs = self._input(start)
+      inputs = itertools.chain([next(inputs)], inputs)
     self._write_config()
     writer = MetricsWriter(self.workdir, enabled=self.is_chief)
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     try:
-      summary = self._loop(state, start, writer)
+      summary = self._loop(state, start, inputs, writer)
     finally:
       signal.signal(signal.SIGTERM, previous)
       writer.close()
@@ -650,7 +657,8 @@ class PretrainExperiment:
   def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
     self._sigterm = True
 
-  def _loop(self, state: TrainState, start: int, writer: MetricsWriter):
+  def _loop(self, state: TrainState, start: int, inputs: Iterator,
+            writer: MetricsWriter):
     c = self.config.training
     total = self.total_steps
     base_rng = jax.random.PRNGKey(self.config.seed + 1)
@@ -658,7 +666,6 @@ class PretrainExperiment:
     self.print(f'[train] {self.config.method} on {self.config.data.dataset}: '
                f'{total} steps of {global_batch} images, '
                f'{jax.device_count()} device(s), from step {start}')
-    inputs = self._input(start)
     t_start = t_last = time.time()
     last_step = start
     logs = None
