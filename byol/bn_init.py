@@ -23,7 +23,6 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 PARTS = ('encoder', 'projector', 'predictor')
 
@@ -68,17 +67,18 @@ def convert_bn_to_affine(bn_params: hk.Params, bn_state: hk.State,
     if bn_module == module:
       out[module] = dict(bn_params[module])
       continue
-    gamma = np.asarray(bn_params[bn_module]['scale']).reshape(-1)
-    beta = np.asarray(bn_params[bn_module]['offset']).reshape(-1)
-    mean = np.asarray(bn_state[f'{bn_module}/~/mean_ema']['average']).reshape(-1)
-    var = np.asarray(bn_state[f'{bn_module}/~/var_ema']['average']).reshape(-1)
-    inv_std = 1.0 / np.sqrt(var + eps)
+    # jnp, not np: this runs traced, inside the (jit/pmap) init function.
+    gamma = jnp.reshape(bn_params[bn_module]['scale'], (-1,))
+    beta = jnp.reshape(bn_params[bn_module]['offset'], (-1,))
+    mean = jnp.reshape(bn_state[f'{bn_module}/~/mean_ema']['average'], (-1,))
+    var = jnp.reshape(bn_state[f'{bn_module}/~/var_ema']['average'], (-1,))
+    inv_std = jax.lax.rsqrt(var.astype(jnp.float32) + eps)
     scale = gamma * inv_std
     offset = beta - gamma * mean * inv_std
     out[module] = {
-        'scale': jnp.asarray(scale.reshape(leaves['scale'].shape), jnp.float32),
-        'offset': jnp.asarray(offset.reshape(leaves['offset'].shape),
-                              jnp.float32),
+        'scale': jnp.reshape(scale, leaves['scale'].shape).astype(jnp.float32),
+        'offset': jnp.reshape(offset,
+                              leaves['offset'].shape).astype(jnp.float32),
     }
   return out
 

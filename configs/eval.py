@@ -1,18 +1,23 @@
 """Linear evaluation of a pretraining run's frozen online encoder.
 
-`--workdir` is the pretraining workdir; results go to `<workdir>/eval_<mode>/`
-(`summary.json`, `metrics.jsonl`). Variants (comma-separated):
+`--workdir` is the pretraining workdir; results go to
+`<workdir>/eval_linear/`, `eval_linear_select/` or `eval_fast/`
+(`summary.json` with top-1 and top-5, `config.json`, and for the linear
+protocol `metrics.jsonl`). Variants (comma-separated):
 
   (default)  DeepMind's protocol: SGD + Nesterov 0.9, no weight decay,
              lr = base_lr * batch/256 with cosine decay, 80 epochs, batch 1024,
              random-resized-crop + flip on the training images, centre crop
              for the test images; one linear head per learning rate in
-             `lr_grid`, trained side by side on the same frozen features.
+             `lr_grid`, trained side by side on the same frozen features;
+             the head best on TEST is reported (optimistic: see `select`).
   select     pick the learning rate on VALID after training on TRAIN (the
              paper's protocol), then report that head's TEST accuracy.
   fast       a different, quicker protocol: encode every image once without
              augmentation and fit a multinomial logistic regression (L-BFGS)
-             on the cached features; also reports kNN.
+             on the cached features; also reports kNN (cosine, k=200,
+             votes weighted by exp(similarity / 0.07)). Its numbers are not
+             comparable with the linear protocol's.
   local      the CPU scale: 10 epochs, batch 512 (for Fashion-MNIST runs).
 
 Commands:
@@ -56,6 +61,7 @@ def get_config(arg=None):
   c.fast = ml_collections.ConfigDict()
   c.fast.l2 = 1e-4  # on the standardized features
   c.fast.iterations = 300
+  c.fast.max_train_examples = -1  # > 0: fit on the first N train examples
   c.knn = ml_collections.ConfigDict()
   c.knn.k = 200
   c.knn.temperature = 0.07

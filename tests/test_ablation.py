@@ -1,0 +1,104 @@
+"""The ablation study's plumbing: --smoke on two rows, then a rerun."""
+
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_ablation():
+  spec = importlib.util.spec_from_file_location(
+      'ablation', os.path.join(ROOT, 'experiments', 'ablation.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+ablation = _load_ablation()
+
+
+def test_rows_are_the_papers_table():
+  names = [r.name for r in ablation.ROWS]
+  assert len(names) == len(set(names)) == 14
+  byol = [r for r in ablation.ROWS if r.method == 'byol' and r.init == 'default'
+          and 'gnws' not in (r.encoder, r.projector, r.predictor)]
+  # Every on/off combination of BN in the three BYOL components, once.
+  assert sorted((r.encoder, r.projector, r.predictor) for r in byol) == sorted(
+      (e, p, q) for e in ('bn', 'none') for p in ('bn', 'none')
+      for q in ('bn', 'none'))
+  simclr = [r for r in ablation.ROWS if r.method == 'simclr']
+  assert sorted((r.encoder, r.projector) for r in simclr) == sorted(
+      (e, p) for e in ('bn', 'none') for p in ('bn', 'none'))
+  quick = {r.name for r in ablation.ROWS if r.quick}
+  assert quick == {'byol_bn_all', 'byol_bn_none', 'byol_bn_enc', 'byol_gnws',
+                   'byol_bn_init', 'simclr_bn_none'}
+  config = ablation.row_config(ablation.ROWS_BY_NAME['byol_bn_init'],
+                               dataset='fashion_mnist', epochs=1.25,
+                               smoke=False)
+  assert config.model.init == 'bn_init'
+  assert config.model.encoder.norm == 'bn'
+  assert not config.model.encoder.weight_standardization
+  assert config.training.epochs == 1.25
+  assert config.model.encoder.width_multiplier == 0.25  # the local preset
+
+
+def _numeric_cells(table, row):
+  line = next(l for l in table.splitlines() if l.startswith(f'| {row} |'))
+  cells = [c.strip() for c in line.strip('|').split('|')]
+  # linear top-1, gain, kNN top-1, proj_std, relative proj_std.
+  return [float(c) for c in cells[2:7]], cells
+
+
+def test_smoke_run_writes_the_table_and_skips_finished_rows(tmp_path):
+  rows = 'byol_bn_enc,simclr_bn_none'
+  argv = ['--smoke', f'--rows={rows}', f'--workdir_root={tmp_path}',
+          f'--results_dir={tmp_path}']
+  lines = []
+  assert ablation.main(argv, printer=lines.append) == 0
+  table_path = tmp_path / 'ablation_fashion_mnist.md'
+  plot_path = tmp_path / 'ablation_fashion_mnist.png'
+  assert plot_path.stat().st_size > 10_000
+  with open(plot_path, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  table = table_path.read_text()
+  for row in rows.split(','):
+    values, cells = _numeric_cells(table, row)
+    top1, gain, knn, proj_std, rel = values
+    assert 0 <= top1 <= 100 and 0 <= knn <= 100
+    assert proj_std >= 0 and rel >= 0
+    assert cells[7].split()[0] in ('yes', 'no')
+    summary = json.loads((tmp_path / row / 'row_summary.json').read_text())
+    assert summary['steps'] == 3 and summary['status'] == 'finished'
+    assert summary['proj_std_step0'] > 0
+    assert abs(100 * summary['gain_over_init'] - gain) < 0.01
+  assert re.search(r'Raw-pixel baseline .* linear top-1 \d+\.\d\d%', table)
+  assert '72.1 (300 ep)' in table  # the paper's figure for encoder-only BN
+  assert any('row 2/2 simclr_bn_none' in l and 'ETA' not in l
+             for l in lines if 'linear top-1' in l)
+
+  # A rerun skips both rows and rewrites the outputs from their summaries.
+  mtimes = {r: os.path.getmtime(tmp_path / r / 'row_summary.json')
+            for r in rows.split(',')}
+  lines = []
+  assert ablation.main(argv, printer=lines.append) == 0
+  assert sum('finished earlier, skipped' in l for l in lines) == 2
+  assert not any('[train]' in l for l in lines)
+  for r, t in mtimes.items():
+    assert os.path.getmtime(tmp_path / r / 'row_summary.json') == t
+  assert _numeric_cells(table_path.read_text(), 'byol_bn_enc')[0] == (
+      _numeric_cells(table, 'byol_bn_enc')[0])
+
+  # The same root with another length is refused, not mixed into the table.
+  assert ablation.main(argv + ['--epochs=2'], printer=lines.append) == 2
+
+
+def test_unknown_row_is_a_user_error(tmp_path, capsys):
+  assert ablation.main(['--rows=byol_banana', f'--workdir_root={tmp_path}',
+                        f'--results_dir={tmp_path}']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: ')
+  assert 'byol_banana' in err[0]

@@ -1,0 +1,247 @@
+"""Evaluation: linear heads, the fast probe, kNN, and runs on a workdir."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from byol import checkpointing
+from byol import eval_experiment
+from byol import experiment
+from configs import eval as eval_config
+from test_experiment import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------
+# Pure pieces.
+
+
+def test_topk_accuracy_on_known_inputs():
+  logits = np.array([[0.1, 0.9, 0.0, 0.5],   # ranks 1, 3, 0, 2
+                     [0.8, 0.1, 0.3, 0.2],   # ranks 0, 2, 3, 1
+                     [0.2, 0.3, 0.4, 0.1]])  # ranks 2, 1, 0, 3
+  labels = np.array([1, 3, 3])
+  assert eval_experiment.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+  assert eval_experiment.topk_accuracy(logits, labels, 2) == pytest.approx(1 / 3)
+  assert eval_experiment.topk_accuracy(logits, labels, 3) == pytest.approx(2 / 3)
+  assert eval_experiment.topk_accuracy(logits, labels, 4) == pytest.approx(1.0)
+
+
+def test_knn_weighted_votes_on_a_toy_problem():
+  # Train points on the unit circle; the query is at angle 0.
+  angles = np.array([0.1, 0.5, 0.6, 3.0])
+  train_x = np.stack([np.cos(angles), np.sin(angles)], -1) * 5.0  # scale-free
+  train_y = np.array([0, 1, 1, 2])
+  query = np.array([[2.0, 0.0]])
+  # k=3: one close neighbour of class 0 against two farther ones of class 1.
+  # A sharp temperature lets the close one win; a flat one, the majority.
+  for temperature, winner in ((0.05, 0), (10.0, 1)):
+    scores = eval_experiment.knn_predict(train_x, train_y, query, 3, k=3,
+                                         temperature=temperature)
+    weights = np.exp((np.cos(angles[:3]) - 1.0) / temperature)
+    expected = np.array([weights[0], weights[1] + weights[2], 0.0])
+    np.testing.assert_allclose(scores[0], expected, rtol=1e-5, atol=1e-30)
+    assert int(np.argmax(scores[0])) == winner
+  # Two well separated clusters: every query is classified correctly.
+  rng = np.random.RandomState(0)
+  centres = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+  tx = np.repeat(centres, 50, 0) + 0.1 * rng.randn(100, 3)
+  ty = np.repeat([0, 1], 50)
+  qx = np.repeat(centres, 20, 0) + 0.1 * rng.randn(40, 3)
+  qy = np.repeat([0, 1], 20)
+  scores = eval_experiment.knn_predict(tx, ty, qx, 2, k=200, chunk=16)
+  assert scores.shape == (40, 2)
+  assert eval_experiment.topk_accuracy(scores, qy, 1) == 1.0
+
+
+def test_logistic_regression_on_a_separable_problem():
+  rng = np.random.RandomState(0)
+  teacher = rng.randn(20, 5)
+  x = rng.randn(3000, 20) * rng.uniform(0.1, 10.0, size=20)  # mixed scales
+  y = np.argmax(x @ teacher, -1)
+  predict = eval_experiment.fit_logistic_regression(x[:2000], y[:2000], 5,
+                                                    l2=1e-5, iterations=200)
+  train_acc = eval_experiment.topk_accuracy(predict(x[:2000]), y[:2000], 1)
+  test_acc = eval_experiment.topk_accuracy(predict(x[2000:]), y[2000:], 1)
+  assert train_acc > 0.99, train_acc
+  assert test_acc > 0.95, test_acc
+
+
+def _linear_run(lrs, steps=6, dim=12, classes=4, batch=32, seed=0):
+  """A few jitted lr-grid steps on a fixed random problem."""
+  fns = eval_experiment.make_linear_eval_fns(
+      eval_experiment.pixels_embed, classes, lrs, steps, 0.9, axis_name=None)
+  rng = np.random.RandomState(seed)
+  images = rng.randn(steps, batch, 2, 2, dim // 4).astype(np.float32)
+  labels = rng.randint(0, classes, size=(steps, batch)).astype(np.int32)
+  heads, opt_state = fns.init(dim)
+  step = jax.jit(fns.train_step)
+  for i in range(steps):
+    heads, opt_state, loss = step(heads, opt_state, None, None, images[i],
+                                  labels[i])
+  return heads, loss, images, labels
+
+
+def test_each_grid_head_equals_a_single_head_run():
+  lrs = (1.6, 0.8, 0.2)
+  grid, grid_loss, images, labels = _linear_run(lrs)
+  assert grid_loss.shape == (3,)
+  for h, lr in enumerate(lrs):
+    single, single_loss, _, _ = _linear_run((lr,))
+    for key in ('w', 'b'):
+      np.testing.assert_allclose(np.asarray(grid[key][h]),
+                                 np.asarray(single[key][0]),
+                                 rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(grid_loss[h]), float(single_loss[0]),
+                               rtol=1e-6)
+  # The heads really differ: the grid is not one head copied.
+  assert float(jnp.abs(grid['w'][0] - grid['w'][2]).max()) > 1e-3
+
+  # One head is optax.sgd(cosine(lr), momentum 0.9, Nesterov), DeepMind's.
+  lr, steps = 0.8, 6
+  opt = optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9,
+                  nesterov=True)
+  head = {'w': jnp.zeros((12, 4)), 'b': jnp.zeros((4,))}
+  state = opt.init(head)
+  for i in range(steps):
+    def loss_fn(p, i=i):
+      x = images[i].reshape(images.shape[1], -1)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+          x @ p['w'] + p['b'], labels[i]))
+    updates, state = opt.update(jax.grad(loss_fn)(head), state, head)
+    head = optax.apply_updates(head, updates)
+  np.testing.assert_allclose(np.asarray(grid['w'][1]), np.asarray(head['w']),
+                             rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# End to end on a tiny pretraining workdir.
+
+
+@pytest.fixture(scope='module')
+def tiny_workdir(tmp_path_factory):
+  """A pretraining workdir: config.json + the checkpoint of an initial state."""
+  workdir = str(tmp_path_factory.mktemp('pretrain'))
+  config = tiny_config('local')
+  forward = experiment.make_forward(config, 10, axis_name=None)
+  init = jax.jit(experiment.make_init_fn(
+      config, forward, experiment.make_optimizer(config, 2, 0)))
+  state = init(jax.random.PRNGKey(0), np.zeros((2, 16, 16, 3), np.float32))
+  checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')).save(
+      0, jax.tree.map(np.asarray, state))
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  return workdir
+
+
+def _eval_config(arg, **fields):
+  c = eval_config.get_config(arg)
+  c.unlock()
+  for k, v in fields.items():
+    node = c
+    *parents, leaf = k.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  c.lock()
+  return c
+
+
+# The evaluations below read all 10,000 test images (and the selection all
+# 10,000 VALID ones): at 8 px instead of the 16 px of pretraining, the encoder
+# does a quarter of the work (it pools globally, so any size works).
+
+
+def test_linear_eval_end_to_end(tiny_workdir):
+  config = _eval_config('local', **{'data.image_size': 8,
+      'training.batch_size': 64, 'training.max_steps': 8,
+      'training.lr_grid': (1.0, 0.25), 'training.log_every_steps': 4,
+      'eval_batch_size': 1000})
+  lines = []
+  result = eval_experiment.run(config, tiny_workdir, printer=lines.append)
+  out = os.path.join(tiny_workdir, 'eval_linear')
+  with open(os.path.join(out, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['top1_accuracy'] == pytest.approx(result['top1_accuracy'])
+  assert summary['num_test_examples'] == 10_000
+  assert summary['steps'] == 8 and summary['selected_on'] == 'TEST'
+  assert set(summary['per_lr_top1']) == {'0.25', '0.0625'}  # base * 64/256
+  # A random GN+WS encoder + 8 SGD steps on 512 images: above chance (10%).
+  assert 0.15 < summary['top1_accuracy'] <= 1.0, summary
+  assert summary['top5_accuracy'] >= summary['top1_accuracy']
+  assert summary['top1_accuracy'] == max(summary['per_lr_top1'].values())
+  with open(os.path.join(out, 'metrics.jsonl')) as f:
+    records = [json.loads(l) for l in f]
+  assert [r['step'] for r in records] == [4, 8]
+  assert all(np.isfinite(r['loss_lr0.0625']) for r in records)
+  assert any('step 8/8' in l for l in lines)
+
+
+def test_linear_eval_selects_on_valid(tiny_workdir):
+  config = _eval_config('local,select', **{
+      'training.batch_size': 64, 'training.max_steps': 2,
+      'training.lr_grid': (0.4, 0.1), 'data.image_size': 8})
+  result = eval_experiment.run(config, tiny_workdir, printer=lambda _: None)
+  assert result['selected_on'] == 'VALID'
+  assert result['train_split'] == 'TRAIN'
+  assert result['num_valid_examples'] == 10_000
+  valid = result['per_lr_valid_top1']
+  best = max(valid, key=valid.get)
+  assert result['top1_accuracy'] == result['per_lr_top1'][best]
+  assert os.path.exists(os.path.join(tiny_workdir, 'eval_linear_select',
+                                     'summary.json'))
+
+
+def test_fast_probe_from_the_command_line(tiny_workdir):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/eval.py:local,fast',
+       f'--workdir={tiny_workdir}', '--config.fast.max_train_examples=2000',
+       '--config.data.image_size=8',
+       '--config.fast.iterations=100'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(tiny_workdir, 'eval_fast', 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['num_train_examples'] == 2000
+  assert summary['num_test_examples'] == 10_000
+  # Random features of Fashion-MNIST are far above chance for both.
+  assert 0.4 < summary['top1_accuracy'] <= summary['top5_accuracy'] <= 1.0
+  assert 0.4 < summary['knn_top1_accuracy'] <= 1.0
+
+
+def test_a_workdir_without_a_run_is_a_user_error(tmp_path):
+  with pytest.raises(eval_experiment.EvalError, match='config.json'):
+    eval_experiment.run(_eval_config('fast'), str(tmp_path))
+
+
+def test_batchnorm_statistics_are_calibrated_before_probing_an_init_net():
+  config = tiny_config('local,bn')
+  forward = experiment.make_forward(config, 10, axis_name=None)
+  init = jax.jit(experiment.make_init_fn(
+      config, forward, experiment.make_optimizer(config, 2, 0)))
+  # As PretrainExperiment does: Haiku's init pass runs on zero images.
+  state = init(jax.random.PRNGKey(0), np.zeros((2, 16, 16, 3), np.float32))
+  embed = jax.jit(eval_experiment.make_embed_fn(config))
+  images = np.random.RandomState(0).uniform(size=(8, 16, 16, 3)).astype(
+      np.float32)
+  before = np.asarray(embed(state.online_params, state.online_state, images))
+  # Variances of ~0 make every BatchNorm multiply by ~1/sqrt(eps).
+  assert not np.all(np.abs(before) < 1e4)
+  calibrated = eval_experiment.calibrate_batchnorm(
+      config, state.online_params, state.online_state, num_batches=2,
+      batch_size=32)
+  after = np.asarray(embed(state.online_params, calibrated, images))
+  assert np.all(np.isfinite(after)) and np.abs(after).max() < 100
+  assert np.abs(after).max() > 1e-3
+  # A network without BatchNorm is left as it is.
+  gn = tiny_config('local')
+  assert eval_experiment.calibrate_batchnorm(gn, {}, {'x': 1}) == {'x': 1}
