@@ -12,7 +12,8 @@ strengths (`config.data.augmentations.view1` / `.view2`, BYOL Table 6):
   4. Gaussian blur                        p = blur_prob
   5. solarization                         p = solarize_prob
 
-Randomness: `postprocess` splits its key per view, then per image; each image
+Randomness: `postprocess` splits its key per view, then per image (or, given
+one key per example, splits each example's key per view); each image
 then draws one vector of independent uniforms, one per random decision (a
 different entry for every op), in a single call: each separate random call is
 its own threefry computation, and under vmap on CPU each costs about a second
@@ -244,6 +245,18 @@ def _augment_images(images, rng, view_config):
   return out.reshape(lead + images.shape[-3:])
 
 
+def _is_key_batch(rng: jax.Array) -> bool:
+  """True for a batch of keys ([B] typed or [B, 2] raw), False for one key."""
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng.ndim > 0
+  return rng.ndim > 1
+
+
+def _augment_with_keys(images, keys, view_config):
+  """Augments [B, H, W, 3] images, image b with `keys[b]`."""
+  return jax.vmap(lambda x, k: augment_view(x, k, view_config))(images, keys)
+
+
 def postprocess(inputs: Mapping[str, jax.Array], rng: jax.Array,
                 config) -> dict:
   """Augments the two views of a PRETRAIN batch, on device.
@@ -252,15 +265,34 @@ def postprocess(inputs: Mapping[str, jax.Array], rng: jax.Array,
     inputs: {'view1', 'view2', ...}: float [..., H, W, 3] images in [0, 1]
       (the leading dims, e.g. [per_device_batch], are kept); other entries
       (labels) pass through.
-    rng: a PRNG key; split into one key per view and then per image.
+    rng: either one PRNG key, split into one key per view and then per image;
+      or one key per example, shaped like the images' leading dims (a [B]
+      batch of typed keys, or [B, 2] raw keys): example b's two views then
+      depend on `rng[b]` alone, whatever the batch around it. The experiment
+      uses the latter so that an example's augmentations do not depend on how
+      the global batch is split over devices, processes and micro-batches.
     config: `config.data.augmentations`, with `view1` and `view2` fields.
       Close over it (functools.partial) when jitting: it is not an array.
 
   Returns:
     A dict like `inputs` with both views augmented (still in [0, 1]).
   """
-  rng1, rng2 = jax.random.split(rng)
   out = dict(inputs)
-  out['view1'] = _augment_images(inputs['view1'], rng1, config['view1'])
-  out['view2'] = _augment_images(inputs['view2'], rng2, config['view2'])
+  if not _is_key_batch(rng):
+    rng1, rng2 = jax.random.split(rng)
+    out['view1'] = _augment_images(inputs['view1'], rng1, config['view1'])
+    out['view2'] = _augment_images(inputs['view2'], rng2, config['view2'])
+    return out
+  images = inputs['view1']
+  lead = images.shape[:-3]
+  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  if rng.shape[:rng.ndim - (0 if typed else 1)] != lead:
+    raise ValueError(f'per-example keys of shape {rng.shape} do not match '
+                     f'images of shape {images.shape}')
+  keys = rng.reshape((-1,) + rng.shape[len(lead):])
+  view_keys = jax.vmap(jax.random.split)(keys)  # [N, 2] keys: one per view
+  for i, view in enumerate(('view1', 'view2')):
+    flat = inputs[view].reshape((-1,) + inputs[view].shape[-3:])
+    augmented = _augment_with_keys(flat, view_keys[:, i], config[view])
+    out[view] = augmented.reshape(inputs[view].shape)
   return out

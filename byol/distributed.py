@@ -1,4 +1,12 @@
-"""Multi-process start-up through JAX's own multi-controller runtime."""
+"""Multi-process start-up through JAX's own multi-controller runtime.
+
+One process runs per host (or per GPU node); each drives its local devices
+and reads its own shard of the data, and `jax.pmap`'s collectives span the
+devices of all processes. Call `initialize(config)` before anything touches a
+JAX device.
+"""
+
+import re
 
 import jax
 import ml_collections
@@ -6,29 +14,59 @@ import ml_collections
 from byol.errors import ConfigError
 
 _initialized = False
+_ADDRESS = re.compile(r'^(\[[0-9a-fA-F:.]+\]|[^\s:]+):(\d{1,5})$')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` for distributed fields no cluster could use."""
+  d = config.get('distributed')
+  if d is None or not d.coordinator_address:
+    return
+  match = _ADDRESS.match(d.coordinator_address)
+  if not match or not 0 < int(match.group(2)) < 65536:
+    raise ConfigError(
+        f'distributed.coordinator_address={d.coordinator_address!r} must be '
+        'host:port, e.g. 10.0.0.1:8476')
+  if d.num_processes < 1 or not 0 <= d.process_id < d.num_processes:
+    raise ConfigError(
+        f'distributed.process_id={d.process_id} must be in '
+        f'[0, distributed.num_processes={d.num_processes})')
 
 
 def initialize(config: ml_collections.ConfigDict) -> None:
   """Calls `jax.distributed.initialize` when the config asks for it.
 
-  `distributed.coordinator_address` ('host:port') with `num_processes` and
-  `process_id` starts an explicit cluster (CPU/GPU clusters, tests on
-  127.0.0.1); `distributed.auto=True` lets JAX detect a TPU pod or a SLURM
-  job by itself. With neither, the run is a single process.
+  `distributed.coordinator_address` ('host:port', the address of process 0)
+  with `num_processes` and `process_id` starts an explicit cluster (CPU/GPU
+  clusters, tests on 127.0.0.1); `distributed.auto=True` lets JAX detect a
+  TPU pod, a SLURM job or another supported cluster by itself. With neither,
+  the run is a single process. Idempotent.
+
+  On CPU, cross-process collectives need an implementation: gloo (TCP) is
+  selected unless one was chosen already (e.g. mpi through
+  `JAX_CPU_COLLECTIVES_IMPLEMENTATION`).
   """
   global _initialized
   d = config.get('distributed')
-  if _initialized or d is None:
+  if _initialized or d is None or not (d.coordinator_address or d.auto):
     return
+  check_config(config)
+  if not jax.config.jax_cpu_collectives_implementation:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if d.coordinator_address:
-    if d.num_processes < 1 or not 0 <= d.process_id < d.num_processes:
-      raise ConfigError(
-          f'distributed.process_id={d.process_id} must be in '
-          f'[0, distributed.num_processes={d.num_processes})')
     jax.distributed.initialize(coordinator_address=d.coordinator_address,
                                num_processes=d.num_processes,
                                process_id=d.process_id)
-    _initialized = True
-  elif d.auto:
-    jax.distributed.initialize()
-    _initialized = True
+  else:
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:
+      # Raised when no cluster environment (TPU pod, SLURM, ...) was found.
+      raise ConfigError('distributed.auto=True found no cluster to join: '
+                        f'{str(e).splitlines()[0]}') from None
+  _initialized = True
+
+
+def is_multiprocess() -> bool:
+  """True when this run spans several processes."""
+  return jax.process_count() > 1

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional
 
 import haiku as hk
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -245,6 +246,16 @@ def make_update_fn(config: ml_collections.ConfigDict,
   `inputs` holds `view1`, `view2`, `labels` with a leading micro-batch axis
   of length `training.accumulation_steps`. Run it under `jax.pmap` with
   `axis_name` (or with `axis_name=None` on one device, under `jax.jit`).
+  `rng` must be the same on every device (see `example_keys`).
+
+  Gradient accumulation: the k micro-batches run one after another
+  (`lax.scan`) and their gradients are averaged before the single optimizer
+  and EMA step. Without batch statistics (GN, LN, affine, none; WS or not)
+  that is the update of the whole batch, up to float rounding. Under
+  BatchNorm it is not: each micro-batch is normalised with its own
+  statistics, over batch/k examples (pooled over devices by the cross-replica
+  axis), and the BN moving averages advance once per micro-batch (and view);
+  SimCLR's negatives likewise come from the micro-batch only.
   """
   method = config.method
   accum = config.training.accumulation_steps
@@ -296,11 +307,28 @@ def make_update_fn(config: ml_collections.ConfigDict,
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
+  def example_keys(rng, micro, per_device):
+    """One augmentation key per example of this device's micro-batch.
+
+    Example keys are `fold_in(rng, g)`, g the example's index in the step's
+    global batch laid out as [devices (of all processes), micro-batches,
+    per-device batch] -- the layout in which the host feeds it. An example's
+    augmentations therefore depend only on the step's key and its place in
+    the global batch: splitting the same global batch over 1 or 4 devices, 1
+    or 2 processes, or k micro-batches gives the same views.
+    """
+    device = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+    first = (device * accum + micro) * per_device
+    index = first + jnp.arange(per_device, dtype=jnp.int32)
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
+
   def micro_step(carry, xs):
     online_state, target_state, grads_sum, params, target_params = carry
-    inputs, rng = xs
+    inputs, micro, rng = xs
     aug_rng, fwd_rng = jax.random.split(rng)
-    inputs = augmentations.postprocess(inputs, aug_rng, aug_config)
+    keys = example_keys(aug_rng, micro, inputs['view1'].shape[0])
+    fwd_rng = jax.random.fold_in(fwd_rng, micro)
+    inputs = augmentations.postprocess(inputs, keys, aug_config)
     inputs = dict(inputs, view1=normalize(inputs['view1']),
                   view2=normalize(inputs['view2']))
     grads, (online_state, target_state, logs) = grad_fn(
@@ -310,18 +338,18 @@ def make_update_fn(config: ml_collections.ConfigDict,
             target_params), logs
 
   def update(state: TrainState, inputs, rng):
-    if axis_name is not None:
-      # Distinct augmentations on every device of every host.
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    rngs = jax.random.split(rng, accum)
+    # `rng` is the same on every device: per-example keys (example_keys) make
+    # the augmentations differ between examples, and so between devices.
     zeros = jax.tree.map(jnp.zeros_like, state.online_params)
     carry = (state.online_state, state.target_state, zeros,
              state.online_params, state.target_params)
     if accum == 1:
       carry, logs = micro_step(carry, (jax.tree.map(lambda x: x[0], inputs),
-                                       rngs[0]))
+                                       0, rng))
     else:
-      carry, logs = jax.lax.scan(micro_step, carry, (inputs, rngs))
+      micro = jnp.arange(accum, dtype=jnp.int32)
+      carry, logs = jax.lax.scan(
+          lambda c, xs: micro_step(c, xs + (rng,)), carry, (inputs, micro))
       logs = jax.tree.map(jnp.mean, logs)
     online_state, target_state, grads, _, _ = carry
     grads = jax.tree.map(lambda g: g / accum, grads)
@@ -340,6 +368,9 @@ def make_update_fn(config: ml_collections.ConfigDict,
     else:
       target_params = state.target_params
     logs['tau'] = tau
+    # Checked on the host with the loss: a step can turn finite parameters
+    # into non-finite ones while its own loss (computed before it) is finite.
+    logs['param_norm'] = optax.tree.norm(online_params)
     logs['learning_rate'] = schedules.learning_rate(
         state.step, base_lr=config.training.base_lr,
         batch_size=config.training.batch_size, total_steps=total_steps,
@@ -414,8 +445,23 @@ def params_checksum(params: hk.Params) -> str:
 # Host-side helpers.
 
 
+# How pmap inputs are laid out, single- and multi-process. In JAX 0.10 `pmap`
+# is `jit` of `shard_map` over a Mesh of all devices of all processes (grouped
+# by process). Each process passes arrays whose leading axis is its *local*
+# device count; an array sharded over a Mesh of this process's devices with
+# PartitionSpec('i') -- what the helpers below produce -- is exactly pmap's
+# per-process slice of its global input, so pmap rewraps it as the global
+# array without a copy (other host-local inputs are copied into that layout,
+# and arrays that are already global pass through). Outputs come back as
+# host-local arrays over the local devices, so state, logs and checkpoints are
+# handled the same way with one process or many.
+
+
 def local_mesh_sharding() -> jax.sharding.NamedSharding:
-  """Shards a leading axis of size `jax.local_device_count()` over devices."""
+  """Shards a leading axis of size `jax.local_device_count()` over devices.
+
+  This process's slice of pmap's global input layout (see above).
+  """
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
 
@@ -431,12 +477,20 @@ def replicate(tree, sharding=None):
 
 
 def unreplicate(tree):
-  """The first local replica of every leaf, as host numpy arrays."""
+  """The first local replica of every leaf, as host numpy arrays.
+
+  pmap's collectives keep replicated values identical on every device of
+  every process, so any process may read its own first replica.
+  """
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
 
 def device_prefetch(iterator: Iterator, size: int = 2, sharding=None):
-  """Moves batches to the devices `size` steps ahead of their use."""
+  """Moves batches to the devices `size` steps ahead of their use.
+
+  Each batch is this process's part of the global batch, with leading axis
+  `jax.local_device_count()`.
+  """
   sharding = sharding or local_mesh_sharding()
   queue = []
 
@@ -461,6 +515,13 @@ def format_duration(seconds: float) -> str:
 # Fields that may change when a run is resumed: they do not change its result.
 RESUMABLE_FIELDS = ('training.log_every_steps', 'training.checkpoint_every_steps',
                     'training.keep_checkpoints')
+# Where the run runs, not what it computes: a preempted multi-host job may come
+# back on other hosts (another coordinator address), and every process has its
+# own process_id. Like the device count, the number of processes changes how
+# the global batch is split and which process reads which shard (so a resumed
+# run on another number of processes is a faithful continuation, though not a
+# bit-identical one).
+RESUMABLE_PREFIXES = ('distributed.',)
 
 
 def _flatten_config(d, prefix=''):
@@ -478,18 +539,46 @@ def config_differences(old: dict, new: dict):
   """Config fields (dotted) whose values differ, ignoring resumable ones."""
   a, b = _flatten_config(old), _flatten_config(new)
   keys = sorted(set(a) | set(b))
-  return [k for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS]
+  return [k for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
+          and not k.startswith(RESUMABLE_PREFIXES)]
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites a metrics.jsonl without its records of steps after `step`."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # e.g. a line cut short by a kill mid-write
+  if len(keep) == len(lines):
+    return
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(keep)
+  os.replace(path + '.tmp', path)
 
 
 class MetricsWriter:
-  """metrics.jsonl + TensorBoard events; a no-op on processes other than 0."""
+  """metrics.jsonl + TensorBoard events; a no-op on processes other than 0.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  `start_step`: the step the run resumes from. Records of later steps, left by
+  a run killed after its last checkpoint, are dropped from metrics.jsonl, so
+  that the resumed run's records replace them instead of repeating them.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
     self.enabled = enabled
     self._tb = None
     if not enabled:
       return
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    _drop_records_after(path, start_step)
+    self._jsonl = open(path, 'a')
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tb = tf.summary.create_file_writer(workdir)
@@ -577,7 +666,10 @@ class PretrainExperiment:
         preprocess_mode=dataset_lib.PreprocessMode.PRETRAIN,
         batch_dims=[c.model.bn_init_batch_size], dataset=c.data.dataset,
         image_size=c.data.image_size, data_dir=c.data.data_dir or None,
-        seed=c.seed + 2, deterministic=True))
+        seed=c.seed + 2, deterministic=True,
+        # The same batch in every process (not each process's own shard), so
+        # that all replicas start from the same parameters.
+        process_index=0, process_count=1))
     views = jax.jit(lambda b, r: augmentations.postprocess(
         b, r, c.data.augmentations))(batch, jax.random.PRNGKey(c.seed + 3))
     images = np.asarray(dataset_lib.normalize(views['view1'],
@@ -645,17 +737,35 @@ class PretrainExperiment:
       inputs = self._input(start)
       inputs = itertools.chain([next(inputs)], inputs)
     self._write_config()
-    writer = MetricsWriter(self.workdir, enabled=self.is_chief)
-    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    writer = MetricsWriter(self.workdir, enabled=self.is_chief,
+                           start_step=start)
+    # One process: our handler notes SIGTERM and the loop stops after the
+    # step in flight. Several: JAX's preemption service (started by
+    # jax.distributed.initialize) catches SIGTERM on any process and makes
+    # all of them agree on the step at which to stop (`_stop_requested`); a
+    # Python handler would displace its own.
+    previous = None
+    if jax.process_count() == 1:
+      previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     try:
       summary = self._loop(state, start, inputs, writer)
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
       writer.close()
     return summary
 
   def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
     self._sigterm = True
+
+  def _stop_requested(self, step: int) -> bool:
+    """True when the run must checkpoint `step` and stop (preemption)."""
+    if jax.process_count() == 1:
+      return self._sigterm
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # jax_enable_preemption_service is off
+      return False
 
   def _loop(self, state: TrainState, start: int, inputs: Iterator,
             writer: MetricsWriter):
@@ -677,12 +787,20 @@ class PretrainExperiment:
       done = step + 1
       is_log = done % c.log_every_steps == 0 or done == total
       is_ckpt = done % c.checkpoint_every_steps == 0 or done == total
-      if is_log or is_ckpt or self._sigterm:
+      stop = self._stop_requested(done)
+      if is_log or is_ckpt or stop:
         scalars = unreplicate(logs)
-        if not np.isfinite(scalars['loss']):
-          raise NonFiniteLossError(
-              f'the loss became {scalars["loss"]} at step {done}; the last '
-              f'good checkpoint is kept in {self.checkpointer.directory}')
+        # Checked before any checkpoint is written, so a checkpoint never
+        # holds non-finite parameters.
+        for name, what in (('loss', 'the loss'),
+                           ('param_norm', "the parameters' norm")):
+          if not np.isfinite(scalars[name]):
+            last = self.checkpointer.latest_step()
+            kept = (f'the last good checkpoint (step {last}) is kept in '
+                    f'{self.checkpointer.directory}' if last is not None
+                    else 'no checkpoint was written')
+            raise NonFiniteLossError(
+                f'{what} became {scalars[name]} by step {done}; {kept}')
       if is_log:
         now = time.time()
         rate = (done - last_step) * global_batch / max(now - t_last, 1e-9)
@@ -695,9 +813,9 @@ class PretrainExperiment:
                    f'top1 {scalars["top1_accuracy"]:.3f}  '
                    f'proj_std {scalars["proj_std"]:.4f}  '
                    f'{rate:.0f} img/s  ETA {format_duration(eta)}')
-      if is_ckpt or self._sigterm:
+      if is_ckpt or stop:
         self._save(state, done)
-      if self._sigterm and done < total:
+      if stop and done < total:
         raise Preempted(f'SIGTERM: saved the checkpoint of step {done}; rerun '
                         'the same command to resume')
     final = unreplicate(state)

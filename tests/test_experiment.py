@@ -176,3 +176,30 @@ def test_accumulation_equals_the_large_batch_under_gn_ws():
   for a, b in zip(jax.tree.leaves(s1.online_params),
                   jax.tree.leaves(s4.online_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_accumulation_under_batchnorm_runs_with_per_micro_batch_statistics():
+  """BN + accumulation: finite, and the BN averages move once per micro-batch
+  (each micro-batch is normalised with its own statistics)."""
+  accum, steps = 2, 2
+  config = tiny_config('local,bn', **{'training.accumulation_steps': accum})
+  forward = experiment.make_forward(config, 10, axis_name=None)
+  optimizer = experiment.make_optimizer(config, 20, 0)
+  init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
+  update = jax.jit(experiment.make_update_fn(config, forward, optimizer, 20,
+                                             axis_name=None))
+  state = init(jax.random.PRNGKey(0),
+               np.zeros((BATCH // accum, IMAGE, IMAGE, 3), np.float32))
+  batch = jax.tree.map(lambda x: x[0], fixed_batch(1, accum=accum))
+  first = state
+  for step in range(steps):
+    state, logs = update(state, batch, jax.random.PRNGKey(step))
+    assert np.isfinite(float(logs['loss'])) and np.isfinite(
+        float(logs['param_norm']))
+  counters = [v for path, v in jax.tree_util.tree_flatten_with_path(
+      state.online_state)[0] if 'counter' in jax.tree_util.keystr(path)]
+  # Under BN each view is its own forward pass: two updates per micro-batch.
+  assert counters and all(int(c) == steps * accum * 2 for c in counters)
+  moved = [float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(first.online_params), jax.tree.leaves(state.online_params))]
+  assert max(moved) > 1e-3

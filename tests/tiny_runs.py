@@ -1,0 +1,186 @@
+"""Tiny `main.py` runs in subprocesses, for the end-to-end tests.
+
+A tiny run is a few steps of a narrow small-stem ResNet-18 on 16 px
+Fashion-MNIST crops, on forced CPU devices. Most of its cost is importing
+JAX/TensorFlow and compiling the update step; runs with the same config and
+device count share compiled programs through JAX's persistent compilation
+cache, kept for the whole pytest session under its base temporary directory.
+The uninterrupted reference run is likewise made once per session
+(`reference_run`) and only read by the tests that compare with it.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# 6 steps of 32 images, a checkpoint every 2, a metrics line every step. No
+# warm-up and a small learning rate: the parameters move, and float rounding
+# (e.g. a different reduction order on another device layout) stays small.
+# The encoder is the paper's GN+WS; the projector and predictor use
+# BatchNorm, as in the original BYOL, so that one run covers both kinds of
+# normalization (and the BatchNorm moving averages in checkpoints), at the
+# cost of one compilation rather than two.
+TINY = [
+    '--config=configs/byol.py:local',
+    '--config.model.encoder.width_multiplier=0.125',
+    '--config.model.encoder.num_groups=4',
+    '--config.model.projector.hidden_size=32',
+    '--config.model.projector.output_size=16',
+    '--config.model.projector.norm=bn',
+    '--config.model.projector.weight_standardization=False',
+    '--config.model.predictor.hidden_size=32',
+    '--config.model.predictor.output_size=16',
+    '--config.model.predictor.norm=bn',
+    '--config.model.predictor.weight_standardization=False',
+    '--config.data.image_size=16',
+    '--config.training.batch_size=32',
+    '--config.training.warmup_epochs=0',
+    '--config.training.base_lr=0.2',
+    '--config.training.max_steps=6',
+    '--config.training.checkpoint_every_steps=2',
+    '--config.training.log_every_steps=1',
+]
+TIMEOUT = 300  # seconds, per run
+
+
+def session_dir(tmp_path_factory, name):
+  path = tmp_path_factory.getbasetemp() / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
+def env(tmp_path_factory, num_devices=4):
+  """The environment of a run on `num_devices` forced CPU devices."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  flags.append(f'--xla_force_host_platform_device_count={num_devices}')
+  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+              XLA_FLAGS=' '.join(flags), PYTHONUNBUFFERED='1',
+              JAX_COMPILATION_CACHE_DIR=str(
+                  session_dir(tmp_path_factory, 'jax_cache')))
+
+
+def start(tmp_path_factory, args, workdir, log_path, *, num_devices=4,
+          script='main.py'):
+  """Starts `script` (main.py or a test wrapper) with `args`; stdout+stderr
+  go to `log_path`."""
+  with open(log_path, 'ab') as log:
+    return subprocess.Popen(
+        [sys.executable, script, f'--workdir={workdir}', *args], cwd=ROOT,
+        env=env(tmp_path_factory, num_devices), stdout=log,
+        stderr=subprocess.STDOUT)
+
+
+def run(tmp_path_factory, args, workdir, *, num_devices=4, timeout=TIMEOUT):
+  """Runs main.py to the end; returns the CompletedProcess."""
+  return subprocess.run(
+      [sys.executable, 'main.py', f'--workdir={workdir}', *args], cwd=ROOT,
+      env=env(tmp_path_factory, num_devices), capture_output=True, text=True,
+      timeout=timeout)
+
+
+def wait_all(procs, timeout=TIMEOUT):
+  """Return codes of `procs`; kills every one still running on timeout."""
+  deadline = time.time() + timeout
+  try:
+    return [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+_reference_procs = {}  # base temporary directory -> the reference's Popen
+
+
+def start_reference(tmp_path_factory):
+  """Starts the reference run in the background unless it is done or running:
+  callers that can do something else meanwhile call this first."""
+  base = tmp_path_factory.getbasetemp()
+  if (base / 'reference' / 'summary.json').exists() or base in _reference_procs:
+    return
+  _reference_procs[base] = start(tmp_path_factory, TINY, base / 'reference',
+                                 base / 'reference.log')
+
+
+def reference_run(tmp_path_factory):
+  """Workdir of the uninterrupted TINY run (made once per session)."""
+  base = tmp_path_factory.getbasetemp()
+  start_reference(tmp_path_factory)
+  proc = _reference_procs.get(base)
+  if proc is not None:
+    code = wait_all([proc])[0]
+    assert code == 0, (base / 'reference.log').read_text()[-3000:]
+  return base / 'reference'
+
+
+def summary(workdir):
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line)['loss'] for line in f]
+
+
+def checkpoint_leaves(workdir, step=None, prefix='.online_params'):
+  """{leaf path: array} of a checkpoint's leaves whose path starts with
+  `prefix` (default: the online parameters)."""
+  from byol import checkpointing  # pylint: disable=g-import-not-at-top
+  flat, _ = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints')).restore(step)
+  return {k: v for k, v in flat.items() if k.startswith(prefix)}
+
+
+def snapshot(directory):
+  """{relative path: (sha256, size, mtime_ns)} of every file under it."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      st = os.stat(path)
+      out[os.path.relpath(path, directory)] = (digest, st.st_size,
+                                               st.st_mtime_ns)
+  return out
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def wait_for(condition, proc, timeout=TIMEOUT, poll=0.05):
+  """Polls `condition()` until it holds; fails if `proc` ends first."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if condition():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f'the run ended (status {proc.returncode}) '
+                           'before the awaited event')
+    time.sleep(poll)
+  proc.send_signal(signal.SIGKILL)
+  raise AssertionError('timed out waiting for the run')
+
+
+def assert_user_error(result, *fragments):
+  """One `error:` line on stderr, exit status 2, no traceback."""
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert lines[0].startswith('error: '), lines[0]
+  assert 'Traceback' not in result.stderr
+  for f in fragments:
+    assert f in lines[0], (f, lines[0])
