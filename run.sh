@@ -72,7 +72,8 @@ case "$verb" in
   test)
     setup
     say "running the test suite"
-    exec "$VENV/bin/python" -m pytest tests -q "$@"
+    # pytest.ini names tests/ as the test path; arguments narrow it.
+    exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
   ablation)
     setup
