@@ -11,7 +11,7 @@ from byol import experiment
 from byol import schedules
 from configs import byol as byol_config
 
-NUM_DEVICES = 2
+NUM_DEVICES = 4  # tests/conftest.py forces 4 CPU devices
 IMAGE = 16
 BATCH = 16  # global
 
@@ -100,6 +100,39 @@ def test_pmapped_steps_lower_the_loss_on_a_fixed_batch(variant, method):
   # Parameters stay identical across replicas.
   leaf0 = jax.tree.leaves(state.online_params)[0]
   np.testing.assert_array_equal(leaf0[0], leaf0[1])
+
+
+@pytest.mark.parametrize('variant', ['local', 'local,bn'])
+def test_one_device_and_four_follow_the_same_trajectory(variant):
+  """The same global batch of 16 on 1 device or split over 4: the same
+  losses and parameters up to float rounding, with GN+WS (no batch
+  statistics) and with cross-replica BatchNorm (statistics of the global
+  batch). Augmentations are on: their keys depend on an example's place in
+  the global batch only."""
+  runs = []
+  for n in (1, NUM_DEVICES):
+    init, update, _ = compiled(variant, 'byol', n)
+    state = init_state(init, n)
+    start = jax.tree.map(lambda x: np.asarray(x[0]), state.online_params)
+    batch = fixed_batch(n)  # one random stream, split n ways
+    losses = []
+    for step in range(3):
+      state, logs = update(state, batch, replicated_key(10 + step, n))
+      losses.append(float(logs['loss'][0]))
+    runs.append((losses, jax.tree.map(lambda x: np.asarray(x[0]), state)))
+  (l1, s1), (l4, s4) = runs
+  np.testing.assert_allclose(l1, l4, rtol=1e-5)
+  assert l1[0] != l1[1]  # the steps did change something
+  flat = lambda tree: np.concatenate(
+      [np.ravel(x) for x in jax.tree.leaves(tree)] + [np.zeros(0)])
+  # online_state: BatchNorm's moving averages (empty under GN+WS).
+  assert (variant == 'local,bn') == (flat(s1.online_state).size > 0)
+  for field in ('online_params', 'target_params', 'online_state'):
+    a, b = flat(getattr(s1, field)), flat(getattr(s4, field))
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), field
+  moved = np.linalg.norm(flat(s1.online_params) - flat(start))
+  gap = np.linalg.norm(flat(s1.online_params) - flat(s4.online_params))
+  assert moved > 100 * gap, (moved, gap)
 
 
 def test_target_is_an_ema_of_the_new_online_params():

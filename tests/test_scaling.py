@@ -1,12 +1,13 @@
 """Scale-out: results do not depend on how the global batch is split.
 
-The same global batch on 2 or 4 devices (forced CPU devices here), in 1 or 2
-processes, gives the same augmentations and, with GroupNorm + WS (no batch
-statistics) or cross-replica BatchNorm, the same training trajectory up to
-float rounding. End to end, with tiny `main.py` runs (`tiny_runs`) whose
-network has both: a GN+WS encoder and BatchNorm projector/predictor.
-(tests/test_main.py checks that a batch the devices do not divide is an
-error.)
+The same global batch on 4 forced CPU devices, in 1 process or in 2
+processes of 2 devices over loopback, gives the same augmentations and, with
+GroupNorm + WS (no batch statistics) or cross-replica BatchNorm, the same
+training trajectory up to float rounding. End to end, with tiny `main.py`
+runs (`tiny_runs`) whose network has both: a GN+WS encoder and BatchNorm
+projector/predictor. (tests/test_experiment.py compares 1 device with 4 in
+one process; tests/test_main.py checks that a batch the devices do not
+divide is an error.)
 """
 
 import functools
@@ -82,13 +83,13 @@ def _start_pair(tmp_path_factory, workdir, logs):
               f'--config.distributed.coordinator_address=127.0.0.1:{port}',
               '--config.distributed.num_processes=2',
               f'--config.distributed.process_id={pid}'],
-          workdir, logs[pid], num_devices=1, script=SAME_DATA)
+          workdir, logs[pid], num_devices=2, script=SAME_DATA)
       for pid in range(2)]
 
 
-def test_two_processes_of_one_device_train_like_one_of_four(
+def test_two_processes_of_two_devices_train_like_one_of_four(
     tmp_path_factory, tmp_path):
-  """2 processes x 1 CPU device, over loopback, preempted once and resumed,
+  """2 processes x 2 CPU devices, over loopback, preempted once and resumed,
   == 1 process x 4 devices uninterrupted (the reference run), with the same
   global batch."""
   tiny_runs.start_reference(tmp_path_factory)  # if need be, beside the pair
@@ -116,7 +117,7 @@ def test_two_processes_of_one_device_train_like_one_of_four(
   for log in logs:
     text = log.read_text()
     assert f'resuming from the checkpoint of step {step}' in text
-    assert '2 device(s)' in text and 'done: step 6' in text, text[-2000:]
+    assert '4 device(s)' in text and 'done: step 6' in text, text[-2000:]
   assert_same_trajectory(workdir, tiny_runs.reference_run(tmp_path_factory))
   # Only process 0 wrote metrics (6 records, not 12) and the summary.
   assert len(tiny_runs.losses(workdir)) == 6
