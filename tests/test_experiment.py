@@ -236,3 +236,40 @@ def test_accumulation_under_batchnorm_runs_with_per_micro_batch_statistics():
   moved = [float(jnp.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(first.online_params), jax.tree.leaves(state.online_params))]
   assert max(moved) > 1e-3
+
+
+def test_bfloat16_steps_track_float32():
+  """model.dtype=bfloat16: convolutions and matmuls in bf16; parameters,
+  normalization statistics and the loss in f32. Five steps on a fixed batch
+  (lr 0.2) follow the f32 run: every loss within 1% (measured: 0.3%), the
+  parameters within 35% of how far training moved them (measured: 22% after
+  the first step, 25% after the fifth: bf16 gradients of this tiny net differ
+  from f32 ones by ~0.2 in relative L2, mostly where WS' and GN's backward
+  passes subtract nearly equal terms)."""
+  runs = []
+  for dtype in ('float32', 'bfloat16'):
+    c = tiny_config('local', **{'model.dtype': dtype, 'training.base_lr': 0.2})
+    forward = experiment.make_forward(c, 10, axis_name=None)
+    optimizer = experiment.make_optimizer(c, 20, 0)
+    init = jax.jit(experiment.make_init_fn(c, forward, optimizer))
+    update = jax.jit(experiment.make_update_fn(c, forward, optimizer, 20,
+                                               axis_name=None))
+    state = init(jax.random.PRNGKey(0),
+                 np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+    start = state.online_params
+    batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
+    losses = []
+    for step in range(5):
+      state, logs = update(state, batch, jax.random.PRNGKey(step))
+      assert logs['loss'].dtype == jnp.float32
+      losses.append(float(logs['loss']))
+    assert all(x.dtype == jnp.float32
+               for x in jax.tree.leaves(state.online_params))
+    runs.append((np.array(losses), state.online_params, start))
+  (l32, p32, start), (l16, p16, _) = runs
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  np.testing.assert_allclose(l16, l32, rtol=1e-2)
+  assert np.abs(l16 - l32).max() > 1e-4  # bf16 was really used
+  moved = np.linalg.norm(flat(p32) - flat(start))
+  gap = np.linalg.norm(flat(p16) - flat(p32))
+  assert gap <= 0.35 * moved, (gap, moved)
