@@ -135,7 +135,7 @@ def time_step(config):
     pass
   for _ in range(_WARMUP.value):
     state, logs = compiled(state, batch, key)
-  jax.block_until_ready(logs)
+  jax.block_until_ready(state)
   times = []
   for _ in range(_STEPS.value):
     t = time.perf_counter()
