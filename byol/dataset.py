@@ -36,19 +36,37 @@ from disk, in its undecoded form). With `deterministic=True`, tf.data keeps its
 element order too, so two loads with one seed give identical batches.
 """
 
+from __future__ import annotations
+
 import enum
 import functools
 import gzip
+import importlib
 import inspect
 import math
 import os
+import types
 from typing import Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from byol import errors
+
+
+class _LazyModule(types.ModuleType):
+  """A module imported on first attribute access.
+
+  TensorFlow and tfds take seconds to import; a command that stops at a bad
+  config, and every code path that never builds an input pipeline, should
+  not pay for them.
+  """
+
+  def __getattr__(self, attr):
+    return getattr(importlib.import_module(self.__name__), attr)
+
+
+tf = _LazyModule('tensorflow')
+tfds = _LazyModule('tensorflow_datasets')
 
 Batch = Mapping[str, np.ndarray]
 
@@ -457,16 +475,16 @@ def _centre_crop(jpeg, image_size: int):
   return _decode_crop_resize(jpeg, box, image_size)
 
 
-# `tfds.testing.mock_data` patches DatasetBuilder methods; the class's own
-# attribute (read statically: plain access builds a new wrapper each time)
-# tells whether a caller's mock is active.
-_ORIGINAL_AS_DATASET = inspect.getattr_static(tfds.core.DatasetBuilder,
-                                              'as_dataset')
-
-
 def _tfds_is_mocked() -> bool:
-  return (inspect.getattr_static(tfds.core.DatasetBuilder, 'as_dataset')
-          is not _ORIGINAL_AS_DATASET)
+  """Whether a caller's `tfds.testing.mock_data` context is active.
+
+  The mock patches DatasetBuilder's methods with functions of its own module;
+  the class attribute is read statically (plain access builds a new wrapper
+  each time).
+  """
+  method = inspect.getattr_static(tfds.core.DatasetBuilder, 'as_dataset')
+  return getattr(method, '__module__', '').startswith(
+      'tensorflow_datasets.testing')
 
 
 _IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
