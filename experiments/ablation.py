@@ -169,28 +169,20 @@ SMOKE_OVERRIDES = {
 SMOKE_PROBE_EXAMPLES = 1000
 
 
-def _set(config: ml_collections.ConfigDict, field: str, value) -> None:
-  node = config
-  *parents, leaf = field.split('.')
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
 def row_config(row: Row, *, dataset: str, epochs: float,
                smoke: bool) -> ml_collections.ConfigDict:
   """The locked pretraining config of `row`."""
   config = byol_config.get_config('local')
   config.unlock()
-  for field, value in row.overrides().items():
-    _set(config, field, value)
-  _set(config, 'data.dataset', dataset)
-  _set(config, 'training.epochs', float(epochs))
-  # Checkpoints are cheap at this scale; an interrupted row loses little.
-  _set(config, 'training.checkpoint_every_steps', 100)
+  config.update_from_flattened_dict(row.overrides())
+  config.update_from_flattened_dict({
+      'data.dataset': dataset,
+      'training.epochs': float(epochs),
+      # Checkpoints are cheap at this scale; an interrupted row loses little.
+      'training.checkpoint_every_steps': 100,
+  })
   if smoke:
-    for field, value in SMOKE_OVERRIDES.items():
-      _set(config, field, value)
+    config.update_from_flattened_dict(SMOKE_OVERRIDES)
   config.lock()
   return config
 

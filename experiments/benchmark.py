@@ -77,12 +77,7 @@ def make_config(size, norm, ws):
   variants, overrides, _ = SIZES[size]
   c = byol_config.get_config(variants)
   c.unlock()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   for part in ('encoder', 'projector', 'predictor'):
     c.model[part].norm = norm
     c.model[part].weight_standardization = ws

@@ -12,6 +12,16 @@ from test_experiment import tiny_config
 BATCH = 16
 
 
+def _assert_outputs_close(got, expected):
+  """Every output within 1e-4 of the largest magnitude of its reference."""
+  for name in expected:
+    scale = float(np.abs(np.asarray(expected[name])).max())
+    np.testing.assert_allclose(np.asarray(got[name]),
+                               np.asarray(expected[name]),
+                               atol=1e-4 * max(scale, 1.0), rtol=0,
+                               err_msg=name)
+
+
 def _forward(config):
   return experiment.make_forward(config, 10, axis_name=None)
 
@@ -45,13 +55,9 @@ def test_converted_network_computes_the_bn_networks_outputs(converted):
   affine_forward = _forward(config)  # model.init=bn_init -> affine network
   for is_training in (True, False):
     got, _ = affine_forward.apply(params, state, None, images, is_training)
-    assert set(got) == {'embedding', 'projection', 'prediction', 'logits'}
-    for name in got:
-      scale = float(np.abs(np.asarray(expected[name])).max())
-      np.testing.assert_allclose(np.asarray(got[name]),
-                                 np.asarray(expected[name]),
-                                 atol=1e-4 * max(scale, 1.0), rtol=0,
-                                 err_msg=name)
+    assert set(got) == set(expected) == {'embedding', 'projection',
+                                         'prediction', 'logits'}
+    _assert_outputs_close(got, expected)
   # Not trivially so: the same weights with default affines (1, 0), i.e. no
   # normalization at all, compute something else.
   default_params, _ = affine_forward.init(jax.random.PRNGKey(3), images, True)
@@ -84,12 +90,7 @@ def test_folding_uses_gamma_and_beta():
   params = bn_init.convert_bn_to_affine(bn_params, bn_state, template,
                                         config.model.bn_eps)
   got, _ = affine_forward.apply(params, state, None, images, True)
-  for name in expected:
-    scale = float(np.abs(np.asarray(expected[name])).max())
-    np.testing.assert_allclose(np.asarray(got[name]),
-                               np.asarray(expected[name]),
-                               atol=1e-4 * max(scale, 1.0), rtol=0,
-                               err_msg=name)
+  _assert_outputs_close(got, expected)
 
 
 def test_converted_network_is_batch_independent(converted):

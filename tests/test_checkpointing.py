@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import tiny_runs
 from byol import checkpointing
 from byol import optimizers
 
@@ -137,19 +138,8 @@ class CheckpointerTest(absltest.TestCase):
 
   def test_flipped_byte_raises(self):
     self.ckpt.save(5, _state(), {})
-    path = os.path.join(self.directory, 'ckpt_5.npz')
-    with zipfile.ZipFile(path) as zf:
-      info = zf.getinfo('leaf_3.npy')
-    with open(path, 'r+b') as f:
-      # The member's last byte: past its local zip header and its .npy
-      # header, inside the array data.
-      f.seek(info.header_offset + 26)
-      name_length, extra_length = np.frombuffer(f.read(4), '<u2')
-      f.seek(info.header_offset + 30 + int(name_length) + int(extra_length) +
-             info.compress_size - 1)
-      byte = f.read(1)
-      f.seek(-1, os.SEEK_CUR)
-      f.write(bytes([byte[0] ^ 0xFF]))
+    tiny_runs.damage_array_bytes(
+        os.path.join(self.directory, 'ckpt_5.npz'), 'leaf_3.npy')
     with self.assertRaisesRegex(checkpointing.CheckpointError, 'corrupt'):
       self.ckpt.restore(target=_state())
 

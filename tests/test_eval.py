@@ -145,12 +145,7 @@ def tiny_workdir(tmp_path_factory):
 def _eval_config(arg, **fields):
   c = eval_config.get_config(arg)
   c.unlock()
-  for k, v in fields.items():
-    node = c
-    *parents, leaf = k.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(fields)
   c.lock()
   return c
 

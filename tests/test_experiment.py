@@ -30,12 +30,7 @@ def tiny_config(variant='local', **overrides):
   c.training.max_steps = 20
   c.training.warmup_epochs = 0.0
   c.training.base_lr = 2.0
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(overrides)
   c.lock()
   return c
 
@@ -66,6 +61,17 @@ def compiled(variant, method, num_devices):
       experiment.make_update_fn(config, forward, optimizer, total),
       axis_name=experiment.AXIS, devices=devices)
   return init, update, config
+
+
+def jitted(config):
+  """(init, update) of `config` under jit on one device, 20 total steps, no
+  warm-up."""
+  forward = experiment.make_forward(config, 10, axis_name=None)
+  optimizer = experiment.make_optimizer(config, 20, 0)
+  init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
+  update = jax.jit(experiment.make_update_fn(config, forward, optimizer, 20,
+                                             axis_name=None))
+  return init, update
 
 
 def replicated_key(seed, n):
@@ -192,11 +198,7 @@ def test_accumulation_equals_the_large_batch_under_gn_ws():
     c.unlock()
     c.training.accumulation_steps = accum
     c.lock()
-    forward = experiment.make_forward(c, 10, axis_name=None)
-    optimizer = experiment.make_optimizer(c, 20, 0)
-    init = jax.jit(experiment.make_init_fn(c, forward, optimizer))
-    update = jax.jit(experiment.make_update_fn(c, forward, optimizer, 20,
-                                               axis_name=None))
+    init, update = jitted(c)
     state = init(jax.random.PRNGKey(0),
                  np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
     batch = jax.tree.map(
@@ -216,11 +218,7 @@ def test_accumulation_under_batchnorm_runs_with_per_micro_batch_statistics():
   (each micro-batch is normalised with its own statistics)."""
   accum, steps = 2, 2
   config = tiny_config('local,bn', **{'training.accumulation_steps': accum})
-  forward = experiment.make_forward(config, 10, axis_name=None)
-  optimizer = experiment.make_optimizer(config, 20, 0)
-  init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
-  update = jax.jit(experiment.make_update_fn(config, forward, optimizer, 20,
-                                             axis_name=None))
+  init, update = jitted(config)
   state = init(jax.random.PRNGKey(0),
                np.zeros((BATCH // accum, IMAGE, IMAGE, 3), np.float32))
   batch = jax.tree.map(lambda x: x[0], fixed_batch(1, accum=accum))
@@ -249,11 +247,7 @@ def test_bfloat16_steps_track_float32():
   runs = []
   for dtype in ('float32', 'bfloat16'):
     c = tiny_config('local', **{'model.dtype': dtype, 'training.base_lr': 0.2})
-    forward = experiment.make_forward(c, 10, axis_name=None)
-    optimizer = experiment.make_optimizer(c, 20, 0)
-    init = jax.jit(experiment.make_init_fn(c, forward, optimizer))
-    update = jax.jit(experiment.make_update_fn(c, forward, optimizer, 20,
-                                               axis_name=None))
+    init, update = jitted(c)
     state = init(jax.random.PRNGKey(0),
                  np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
     start = state.online_params

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tiny_runs import assert_user_error
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = 'configs/byol.py:local'
 # A tiny, fast local run (a few steps of a narrow net on 16 px crops).
@@ -30,16 +32,6 @@ def run_main(args, workdir, timeout=300, env=None):
   return subprocess.run(
       [sys.executable, 'main.py', f'--workdir={workdir}', *args],
       cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
-
-
-def assert_user_error(result, *fragments):
-  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-  lines = [l for l in result.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1, result.stderr[-2000:]
-  assert lines[0].startswith('error: '), lines[0]
-  assert 'Traceback' not in result.stderr
-  for f in fragments:
-    assert f in lines[0], (f, lines[0])
 
 
 # Errors found while parsing flags or checking the config: no training starts.

@@ -152,19 +152,8 @@ def _truncate(workdir):
 
 
 def _flip_a_byte(workdir):
-  path = workdir / 'checkpoints' / 'ckpt_6.npz'
-  with zipfile.ZipFile(path) as zf:
-    info = zf.getinfo('leaf_5.npy')
-  with open(path, 'r+b') as f:
-    # The member's last byte: past its local zip header and its .npy header,
-    # inside the array data.
-    f.seek(info.header_offset + 26)
-    name_length, extra_length = np.frombuffer(f.read(4), '<u2')
-    f.seek(info.header_offset + 30 + int(name_length) + int(extra_length) +
-           info.compress_size - 1)
-    byte = f.read(1)
-    f.seek(-1, os.SEEK_CUR)
-    f.write(bytes([byte[0] ^ 0x01]))
+  tiny_runs.damage_array_bytes(workdir / 'checkpoints' / 'ckpt_6.npz',
+                               'leaf_5.npy', mask=0x01)
 
 
 def _other_architecture(workdir):

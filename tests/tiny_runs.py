@@ -155,6 +155,24 @@ def snapshot(directory):
   return out
 
 
+def damage_array_bytes(npz_path, member, mask=0xFF):
+  """XORs `mask` into the last data byte of `member` (e.g. 'leaf_3.npy') of
+  an uncompressed .npz: past the member's local zip header and its .npy
+  header, inside the array data. The zip stays readable."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(npz_path) as zf:
+    info = zf.getinfo(member)
+  with open(npz_path, 'r+b') as f:
+    f.seek(info.header_offset + 26)
+    name_length, extra_length = np.frombuffer(f.read(4), '<u2')
+    f.seek(info.header_offset + 30 + int(name_length) + int(extra_length) +
+           info.compress_size - 1)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ mask]))
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
