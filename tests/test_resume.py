@@ -183,6 +183,21 @@ def _explode_momentum(workdir):
                    lambda x: np.full_like(x, 1e38))
 
 
+def _nan_parameter(workdir):
+  # Resume from step 4 with one NaN in the online classifier: step 5's loss
+  # is NaN.
+  os.remove(workdir / 'checkpoints' / 'ckpt_6.npz')
+  os.remove(workdir / 'summary.json')
+
+  def poison(x):
+    x = x.copy()
+    x.flat[0] = np.nan
+    return x
+
+  _edit_checkpoint(workdir / 'checkpoints' / 'ckpt_4.npz',
+                   ".online_params['classifier']['w']", poison)
+
+
 WIDER = '--config.model.encoder.width_multiplier=0.25'
 EVAL = ['--config=configs/eval.py:local,fast']
 # name: (how a copy of the reference workdir is damaged, command, expected
@@ -198,7 +213,11 @@ BAD_WORKDIRS = {
         ['ckpt_6.npz', 'does not match the model']),
     'eval_without_checkpoint': (_no_checkpoints, EVAL, ['no checkpoint']),
 }
-DIVERGING = {'exploding_momentum': (_explode_momentum, TINY, [])}
+DIVERGING = {
+    'exploding_momentum': (_explode_momentum, TINY,
+                           ["the parameters' norm became inf"]),
+    'nan_parameter': (_nan_parameter, TINY, ['the loss became nan']),
+}
 
 
 class _Run:
@@ -271,14 +290,17 @@ def test_unusable_workdir_is_one_error_line(damaged_runs, name):
   assert run.after == run.before
 
 
-def test_non_finite_parameters_stop_the_run_before_a_checkpoint(damaged_runs):
-  run = damaged_runs('exploding_momentum')
+@pytest.mark.parametrize('name', list(DIVERGING))
+def test_non_finite_values_stop_the_run_before_a_checkpoint(damaged_runs,
+                                                            name):
+  run = damaged_runs(name)
   result = run.result()
   assert result.returncode == 1, result.stderr[-3000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
   assert 'by step 5' in lines[0] and '(step 4)' in lines[0], lines[0]
-  assert "parameters' norm became inf" in lines[0], lines[0]
+  for fragment in DIVERGING[name][2]:
+    assert fragment in lines[0], lines[0]
   # The checkpoints are untouched, no summary was written.
   checkpoints = lambda snap: {k: v for k, v in snap.items()
                               if k.startswith('checkpoints')}
