@@ -62,7 +62,11 @@ class _LazyModule(types.ModuleType):
   """
 
   def __getattr__(self, attr):
-    return getattr(importlib.import_module(self.__name__), attr)
+    # Called only for names not yet here: after the first import, the real
+    # module's namespace is copied in and lookups no longer come through.
+    module = importlib.import_module(self.__name__)
+    self.__dict__.update(vars(module))
+    return getattr(module, attr)
 
 
 tf = _LazyModule('tensorflow')

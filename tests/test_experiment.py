@@ -74,6 +74,12 @@ def jitted(config):
   return init, update
 
 
+def flat(tree):
+  """Every leaf of `tree`, raveled into one vector (empty for no leaves)."""
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)] +
+                        [np.zeros(0)])
+
+
 def replicated_key(seed, n):
   return jnp.broadcast_to(jax.random.PRNGKey(seed), (n, 2))
 
@@ -129,8 +135,6 @@ def test_one_device_and_four_follow_the_same_trajectory(variant):
   (l1, s1), (l4, s4) = runs
   np.testing.assert_allclose(l1, l4, rtol=1e-5)
   assert l1[0] != l1[1]  # the steps did change something
-  flat = lambda tree: np.concatenate(
-      [np.ravel(x) for x in jax.tree.leaves(tree)] + [np.zeros(0)])
   # online_state: BatchNorm's moving averages (empty under GN+WS).
   assert (variant == 'local,bn') == (flat(s1.online_state).size > 0)
   for field in ('online_params', 'target_params', 'online_state'):
@@ -261,7 +265,6 @@ def test_bfloat16_steps_track_float32():
                for x in jax.tree.leaves(state.online_params))
     runs.append((np.array(losses), state.online_params, start))
   (l32, p32, start), (l16, p16, _) = runs
-  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
   np.testing.assert_allclose(l16, l32, rtol=1e-2)
   assert np.abs(l16 - l32).max() > 1e-4  # bf16 was really used
   moved = np.linalg.norm(flat(p32) - flat(start))
