@@ -42,6 +42,7 @@ import optax
 from byol import augmentations
 from byol import checkpointing
 from byol import dataset as dataset_lib
+from byol import devices
 from byol import experiment as experiment_lib
 from byol.errors import ConfigError, UserError
 
@@ -140,8 +141,8 @@ def extract_features(embed: EmbedFn, params, state, *, dataset: str, split,
                         image_size=image_size, data_dir=data_dir)
   p_embed = jax.pmap(embed)
   # Copied to the devices once, not with every batch.
-  params_r = experiment_lib.replicate(params)
-  state_r = experiment_lib.replicate(state)
+  params_r = devices.replicate(params)
+  state_r = devices.replicate(state)
   feats, labels, count = [], [], 0
   for batch in it:
     f = np.asarray(p_embed(params_r, state_r, batch['images']), np.float32)
@@ -506,14 +507,14 @@ def linear_eval(config: ml_collections.ConfigDict, pretrain_config, params,
   p_train = jax.pmap(fns.train_step, axis_name='i', donate_argnums=(0, 1))
   p_eval = jax.pmap(fns.eval_step, axis_name='i')
   # The frozen encoder goes to the devices once, not with every batch.
-  params_r = experiment_lib.replicate(params)
-  state_r = experiment_lib.replicate(state)
+  params_r = devices.replicate(params)
+  state_r = devices.replicate(state)
   s = image_size
   dim = jax.eval_shape(embed, params, state,
                        jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)).shape[-1]
   heads, opt_state = fns.init(dim)
-  heads_r = experiment_lib.replicate(heads)
-  opt_r = experiment_lib.replicate(opt_state)
+  heads_r = devices.replicate(heads)
+  opt_r = devices.replicate(opt_state)
   it = dataset_lib.load(
       train_split, preprocess_mode=dataset_lib.PreprocessMode.LINEAR_TRAIN,
       batch_dims=[n_dev, per_dev], dataset=dataset, image_size=image_size,
@@ -692,9 +693,9 @@ def probe_report(exp: 'experiment_lib.PretrainExperiment', workdir: str,
             max_test_examples=max_test_examples)
   trained = trained_state
   if trained is None:
-    trained = experiment_lib.unreplicate(exp.state)
+    trained = devices.unreplicate(exp.state)
   if initial_state is None:
-    initial_state = experiment_lib.unreplicate(exp.initial_state())
+    initial_state = devices.unreplicate(exp.initial_state())
   printer('[probe] linear probe + kNN on frozen features (fast protocol)')
   init_net_state = calibrate_batchnorm(
       c, initial_state.online_params, initial_state.online_state,

@@ -28,13 +28,14 @@ from byol import augmentations
 from byol import bn_init
 from byol import checkpointing
 from byol import dataset as dataset_lib
+from byol import devices
 from byol import losses
 from byol import networks
 from byol import optimizers
 from byol import schedules
 from byol.errors import ConfigError
 
-AXIS = 'i'
+AXIS = devices.AXIS
 
 
 class TrainState(NamedTuple):
@@ -445,66 +446,6 @@ def params_checksum(params: hk.Params) -> str:
 # Host-side helpers.
 
 
-# How pmap inputs are laid out, single- and multi-process. In JAX 0.10 `pmap`
-# is `jit` of `shard_map` over a Mesh of all devices of all processes (grouped
-# by process). Each process passes arrays whose leading axis is its *local*
-# device count; an array sharded over a Mesh of this process's devices with
-# PartitionSpec('i') -- what the helpers below produce -- is exactly pmap's
-# per-process slice of its global input, so pmap rewraps it as the global
-# array without a copy (other host-local inputs are copied into that layout,
-# and arrays that are already global pass through). Outputs come back as
-# host-local arrays over the local devices, so state, logs and checkpoints are
-# handled the same way with one process or many.
-
-
-def local_mesh_sharding() -> jax.sharding.NamedSharding:
-  """Shards a leading axis of size `jax.local_device_count()` over devices.
-
-  This process's slice of pmap's global input layout (see above).
-  """
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-
-
-def replicate(tree, sharding=None):
-  """Host pytree -> one copy per local device, laid out as pmap expects."""
-  sharding = sharding or local_mesh_sharding()
-  n = jax.local_device_count()
-  return jax.tree.map(
-      lambda x: jax.device_put(np.broadcast_to(np.asarray(x),
-                                               (n,) + np.shape(x)), sharding),
-      tree)
-
-
-def unreplicate(tree):
-  """The first local replica of every leaf, as host numpy arrays.
-
-  pmap's collectives keep replicated values identical on every device of
-  every process, so any process may read its own first replica.
-  """
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
-
-
-def device_prefetch(iterator: Iterator, size: int = 2, sharding=None):
-  """Moves batches to the devices `size` steps ahead of their use.
-
-  Each batch is this process's part of the global batch, with leading axis
-  `jax.local_device_count()`.
-  """
-  sharding = sharding or local_mesh_sharding()
-  queue = []
-
-  def put(batch):
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
-
-  for batch in iterator:
-    queue.append(put(batch))
-    if len(queue) > size:
-      yield queue.pop(0)
-  while queue:
-    yield queue.pop(0)
-
-
 def format_duration(seconds: float) -> str:
   seconds = int(max(0, seconds))
   h, rem = divmod(seconds, 3600)
@@ -656,7 +597,7 @@ class PretrainExperiment:
       images = self.bn_init_batch()
     else:
       images = self._sample_images()
-    return self._init(replicate(rng), images)
+    return self._init(devices.replicate(rng), images)
 
   def bn_init_batch(self) -> np.ndarray:
     """The augmented, normalized batch of the BN-init pass, on every device."""
@@ -686,7 +627,7 @@ class PretrainExperiment:
       return self.initial_state(), 0
     host_state, _ = self.checkpointer.restore(step, target=self.state_template())
     self.print(f'[train] resuming from the checkpoint of step {step}')
-    return replicate(host_state), int(step)
+    return devices.replicate(host_state), int(step)
 
   # -- data ----------------------------------------------------------------
 
@@ -699,7 +640,7 @@ class PretrainExperiment:
         dataset=c.data.dataset, image_size=c.data.image_size,
         data_dir=c.data.data_dir or None, seed=c.seed,
         deterministic=c.training.deterministic_input, start_step=start_step)
-    return device_prefetch(it)
+    return devices.device_prefetch(it)
 
   # -- the loop --------------------------------------------------------------
 
@@ -723,7 +664,7 @@ class PretrainExperiment:
                  os.path.join(self.workdir, 'config.json'))
 
   def _save(self, state: TrainState, step: int):
-    self.checkpointer.save(step, unreplicate(state),
+    self.checkpointer.save(step, devices.unreplicate(state),
                            {'step': step, 'seed': self.config.seed})
 
   def train(self) -> Dict[str, Any]:
@@ -782,14 +723,14 @@ class PretrainExperiment:
     step = start
     for step in range(start, total):
       batch = next(inputs)
-      rng = replicate(jax.random.fold_in(base_rng, step))
+      rng = devices.replicate(jax.random.fold_in(base_rng, step))
       state, logs = self._update(state, batch, rng)
       done = step + 1
       is_log = done % c.log_every_steps == 0 or done == total
       is_ckpt = done % c.checkpoint_every_steps == 0 or done == total
       stop = self._stop_requested(done)
       if is_log or is_ckpt or stop:
-        scalars = unreplicate(logs)
+        scalars = devices.unreplicate(logs)
         # Checked before any checkpoint is written, so a checkpoint never
         # holds non-finite parameters.
         for name, what in (('loss', 'the loss'),
@@ -818,7 +759,7 @@ class PretrainExperiment:
       if stop and done < total:
         raise Preempted(f'SIGTERM: saved the checkpoint of step {done}; rerun '
                         'the same command to resume')
-    final = unreplicate(state)
+    final = devices.unreplicate(state)
     summary = {
         'step': int(final.step),
         'total_steps': total,
@@ -828,7 +769,8 @@ class PretrainExperiment:
         'online_params_sha256': params_checksum(final.online_params),
     }
     if logs is not None:
-      summary.update({k: float(v) for k, v in unreplicate(logs).items()})
+      summary.update(
+          {k: float(v) for k, v in devices.unreplicate(logs).items()})
     if self.is_chief:
       with open(os.path.join(self.workdir, 'summary.json.tmp'), 'w') as f:
         json.dump(summary, f, indent=2, sort_keys=True)

@@ -63,6 +63,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from byol import augmentations  # pylint: disable=g-import-not-at-top,wrong-import-position
 from byol import dataset as dataset_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from byol import devices  # pylint: disable=g-import-not-at-top,wrong-import-position
 from byol import eval_experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
 from byol import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
 from byol.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -289,7 +290,7 @@ def run_row(row: Row, config: ml_collections.ConfigDict, workdir: str, *,
     diverged_at = min(last + config.training.log_every_steps,
                       experiment.num_steps(config))
   train_time = time.time() - t0
-  init_state = experiment.unreplicate(exp.initial_state())
+  init_state = devices.unreplicate(exp.initial_state())
   if status == 'diverged':
     step = exp.checkpointer.latest_step()
     trained = (exp.checkpointer.restore(step, target=exp.state_template())[0]

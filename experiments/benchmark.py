@@ -40,6 +40,7 @@ import numpy as np
 import haiku as hk  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+from byol import devices  # pylint: disable=g-import-not-at-top
 from byol import experiment  # pylint: disable=g-import-not-at-top
 from byol import networks  # pylint: disable=g-import-not-at-top
 from configs import byol as byol_config  # pylint: disable=g-import-not-at-top
@@ -144,10 +145,10 @@ def time_step(config):
                   axis_name=experiment.AXIS)
   update = jax.pmap(experiment.make_update_fn(config, forward, optimizer, 1000),
                     axis_name=experiment.AXIS, donate_argnums=(0,))
-  key = experiment.replicate(jax.random.PRNGKey(0))
+  key = devices.replicate(jax.random.PRNGKey(0))
   state = init(key, np.zeros((n, per_device, s, s, 3), np.float32))
   batch = jax.tree.map(lambda x: jax.device_put(
-      x, experiment.local_mesh_sharding()), batch)
+      x, devices.local_mesh_sharding()), batch)
   t0 = time.perf_counter()
   lowered = update.lower(state, batch, key)
   compiled = lowered.compile()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from byol import bn_init
+from byol import devices
 from byol import experiment
 from test_experiment import tiny_config
 
@@ -141,13 +142,13 @@ def test_bn_init_config_pretrains(tmp_path):
   summary = exp.train()
   assert summary['step'] == 2
   assert np.isfinite(summary['loss'])
-  final = experiment.unreplicate(exp.state)
+  final = devices.unreplicate(exp.state)
   for tree in (final.online_params, final.target_params):
     assert any(m.split('/')[-1].startswith('affine') for m in tree)
     assert not any('batchnorm' in m for m in tree)
   assert not any('batchnorm' in m for m in final.online_state)
   # The initial affines are data-dependent, not the default (1, 0).
-  init = experiment.unreplicate(exp.initial_state())
+  init = devices.unreplicate(exp.initial_state())
   scales = np.concatenate([np.ravel(v['scale'])
                            for m, v in init.online_params.items()
                            if 'affine' in m])
