@@ -12,6 +12,12 @@ strengths (`config.data.augmentations.view1` / `.view2`, BYOL Table 6):
   4. Gaussian blur                        p = blur_prob
   5. solarization                         p = solarize_prob
 
+Each op has the semantics of DeepMind's BYOL (`byol/utils/augmentations.py`
+in deepmind-research), which are TensorFlow's: brightness adds a delta; contrast scales around each channel's
+mean; saturation and hue act in HSV (`tf.image.adjust_saturation` clips S to
+[0, 1]); grayscale takes the ITU-R 601-2 luma; the blur is zero padded, with
+2 * int(fraction * side / 2) + 1 taps (none below 20 px).
+
 Randomness: `postprocess` splits its key per view, then per image (or, given
 one key per example, splits each example's key per view); each image
 then draws one vector of independent uniforms, one per random decision (a
@@ -28,7 +34,6 @@ probabilities); only `blur_kernel_fraction` must be a Python number, since it
 fixes the kernel's length.
 """
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -96,9 +101,21 @@ def adjust_contrast(image, factor):
 
 
 def adjust_saturation(image, factor):
-  """Blends with the grayscale image (factor 0: gray, 1: unchanged), clips."""
-  gray = to_grayscale(image)
-  return jnp.clip(gray + (image - gray) * factor, 0., 1.)
+  """Scales the HSV saturation of [..., 3] RGB by `factor`, as TensorFlow.
+
+  TensorFlow's `tf.image.adjust_saturation` (and DeepMind's BYOL) converts to
+  HSV, multiplies S by `factor`, clips S to [0, 1] and converts back. Hue and
+  value (the max channel V) stay, so the round trip reduces to one closed
+  form: each channel keeps its distance below V in units of the chroma
+  C = max - min, and the chroma becomes clip(S * factor, 0, 1) * V, i.e.
+  C * clip(factor, 0, V / C). Gray pixels (C = 0) are unchanged.
+  """
+  value = jnp.max(image, axis=-1, keepdims=True)
+  chroma = value - jnp.min(image, axis=-1, keepdims=True)
+  # Where the chroma is 0 every channel equals V and the scale is immaterial.
+  limit = value / jnp.where(chroma > 0, chroma, 1.)
+  scale = jnp.clip(factor, 0., limit)
+  return jnp.clip(value + (image - value) * scale, 0., 1.)
 
 
 def solarize(image, threshold=0.5):
@@ -107,54 +124,59 @@ def solarize(image, threshold=0.5):
 
 
 def blur_kernel_size(image_side: int, fraction: float) -> int:
-  """Odd number of taps ~ fraction * side, at least 3 (23 at 224 px, 0.1)."""
-  return max(3, 2 * (int(fraction * image_side) // 2) + 1)
+  """Number of blur taps at `image_side`, DeepMind's rule.
 
-
-@functools.lru_cache(maxsize=16)
-def _reflect_taps(size: int, radius: int) -> np.ndarray:
-  """[2r+1, size, size] 0/1: tap t of output i reads input j (reflect pad)."""
-  source = np.arange(size)[:, None] + np.arange(-radius, radius + 1)[None]
-  source = np.abs(source)  # reflect at 0: -1 -> 1
-  source = np.where(source > size - 1, 2 * (size - 1) - source, source)
-  taps = np.zeros((2 * radius + 1, size, size), np.float32)
-  taps[np.arange(2 * radius + 1)[None], np.arange(size)[:, None],
-       source] = 1.
-  return taps
+  DeepMind's BYOL takes a kernel "size" of side / blur_divider (a float: 22.4
+  at 224 px) and a radius of int(size / 2), so 2 * int(fraction * side / 2) + 1
+  taps: 23 at 224 px, 3 from 20 to 39 px (the local preset's 24 px included),
+  and a single tap, which leaves the image as it is, below 20 px.
+  """
+  return 2 * int(fraction * image_side / 2) + 1
 
 
 def gaussian_blur(image: jax.Array, sigma, kernel_size: int) -> jax.Array:
-  """Separable Gaussian blur of one [H, W, C] image.
+  """Separable Gaussian blur of one [H, W, C] image, zero padded.
 
-  Reflect padding keeps a constant image constant everywhere (the borders
-  included); the kernel is normalised to sum to one. Each 1-D pass is a
-  matrix product with a banded [side, side] matrix that has the padding
-  folded in: matrix units (and CPUs) run that far faster than a convolution
-  whose kernel differs per image, as it does under vmap.
+  As DeepMind's BYOL (a 'SAME' depthwise convolution): the borders read
+  zeros, so an image darkens near its edges (a constant image by up to about
+  half per axis at large sigma); the `kernel_size` taps are normalised to sum
+  to one before the padding is applied. Each 1-D pass is a matrix product
+  with a banded [side, side] matrix whose entries are the taps: matrix units
+  (and CPUs) run that far faster than a convolution whose kernel differs per
+  image, as it does under vmap. Dropping the taps that fall outside the image
+  is exactly zero padding, even where the kernel is longer than the image.
   """
-  height, width = image.shape[-3], image.shape[-2]
-  radius = min(kernel_size // 2, height - 1, width - 1)
+  radius = kernel_size // 2
   offsets = jnp.arange(-radius, radius + 1, dtype=image.dtype)
-  kernel = jnp.exp(-0.5 * (offsets / sigma) ** 2)
-  kernel = kernel / jnp.sum(kernel)
-  rows = jnp.tensordot(kernel, _reflect_taps(height, radius), axes=1)
-  cols = jnp.tensordot(kernel, _reflect_taps(width, radius), axes=1)
-  image = jnp.einsum('ij,jwc->iwc', rows, image,
+  norm = jnp.sum(jnp.exp(-0.5 * (offsets / sigma) ** 2))
+
+  def band(size):
+    # [size, size]: entry (i, j) weighs input j in output i.
+    distance = np.arange(size)[None, :] - np.arange(size)[:, None]
+    weights = jnp.exp(-0.5 * (distance.astype(np.float32) / sigma) ** 2)
+    return jnp.where(np.abs(distance) <= radius, weights / norm, 0.)
+
+  image = jnp.einsum('ij,jwc->iwc', band(image.shape[-3]), image,
                      precision=jax.lax.Precision.HIGHEST)
-  return jnp.einsum('wv,ivc->iwc', cols, image,
+  return jnp.einsum('wv,ivc->iwc', band(image.shape[-2]), image,
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def _blend(image, scale, gray_weight, mean_weight, offset):
-  """clip(scale * x + gray_weight * gray(x) + mean_weight * mean(x) + offset).
+def _blend(image, scale, mean_weight, offset, saturation):
+  """clip(k * x + (1 - k) * s * max(x) + mean_weight * mean(x) + offset).
 
-  Brightness, contrast and saturation are each one instance of this map, so a
-  randomly chosen one of them costs one evaluation (a select of four scalars)
-  rather than one evaluation of every candidate.
+  k is `scale`, except for saturation (s = 1), where it is the per-pixel
+  clip(scale, 0, V / C) of `adjust_saturation`. Brightness (1, 0, delta, 0),
+  contrast (c, 1 - c, 0, 0) and saturation (f, 0, 0, 1) are each one instance
+  of this map, so a randomly chosen one of them costs one evaluation (a
+  select of four scalars) rather than one evaluation of every candidate.
   """
-  gray = _luma(image)
+  value = jnp.max(image, axis=-1, keepdims=True)
+  chroma = value - jnp.min(image, axis=-1, keepdims=True)
+  limit = value / jnp.where(chroma > 0, chroma, 1.)
+  k = jnp.where(saturation > 0, jnp.clip(scale, 0., limit), scale)
   mean = jnp.mean(image, axis=(-3, -2))  # per channel
-  return jnp.clip(scale * image + gray_weight * gray[..., None] +
+  return jnp.clip(k * image + (1. - k) * saturation * value +
                   mean_weight * mean + offset, 0., 1.)
 
 
@@ -172,9 +194,9 @@ def _color_jitter(image, u, cfg: ViewConfig):
   # _blend parameters of brightness (0), contrast (1), saturation (2).
   zero = jnp.zeros_like(delta_b)
   params = jnp.stack([
-      jnp.stack([zero + 1., zero, zero, delta_b]),
-      jnp.stack([factor_c, zero, 1. - factor_c, zero]),
-      jnp.stack([factor_s, 1. - factor_s, zero, zero])])
+      jnp.stack([zero + 1., zero, delta_b, zero]),
+      jnp.stack([factor_c, 1. - factor_c, zero, zero]),
+      jnp.stack([factor_s, zero, zero, zero + 1.])])
   identity = jnp.stack([zero + 1., zero, zero, zero])
 
   # A random order of the four ops: op i comes at position rank[i] (3 = hue).
@@ -228,8 +250,9 @@ def augment_view(image: jax.Array, rng: jax.Array,
   sigma = cfg['blur_sigma_min'] + (
       cfg['blur_sigma_max'] - cfg['blur_sigma_min']) * u_sigma
   taps = blur_kernel_size(image.shape[0], cfg['blur_kernel_fraction'])
-  image = jnp.where(u_blur_on < cfg['blur_prob'],
-                    gaussian_blur(image, sigma, taps), image)
+  if taps > 1:  # a single tap is the identity (DeepMind's rule below 20 px)
+    image = jnp.where(u_blur_on < cfg['blur_prob'],
+                      gaussian_blur(image, sigma, taps), image)
 
   image = jnp.where(u_solarize < cfg['solarize_prob'],
                     solarize(image, cfg['solarize_threshold']), image)

@@ -63,7 +63,9 @@ def view_augmentations(blur_prob, solarize_prob):
       blur_prob=blur_prob,
       blur_sigma_min=0.1,
       blur_sigma_max=2.0,
-      # Blur kernel side as a fraction of the image side (23 taps at 224 px).
+      # Blur kernel side as a fraction of the image side, DeepMind's rule:
+      # 2 * int(fraction * side / 2) + 1 taps, 23 at 224 px, 3 at 24 px and
+      # 1 (no blur) below 20 px.
       blur_kernel_fraction=0.1,
       solarize_prob=solarize_prob,
       solarize_threshold=0.5,

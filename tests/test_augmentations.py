@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
+import tensorflow as tf
 
 from byol import augmentations as aug
 
@@ -61,22 +63,53 @@ def test_grayscale_of_pure_red():
 
 
 def test_blur_kernel_size():
-  assert aug.blur_kernel_size(224, 0.1) == 23
-  assert aug.blur_kernel_size(24, 0.1) == 3
-  assert aug.blur_kernel_size(8, 0.1) == 3
-  assert aug.blur_kernel_size(64, 0.1) == 7
+  # DeepMind: radius int(side / 10 / 2), so 2 * floor(side / 20) + 1 taps.
+  sizes = {224: 23, 64: 7, 40: 5, 39: 3, 24: 3, 20: 3, 19: 1, 16: 1, 8: 1}
+  assert {s: aug.blur_kernel_size(s, 0.1) for s in sizes} == sizes
+  for side in range(1, 2049):
+    assert aug.blur_kernel_size(side, 0.1) == 2 * (side // 20) + 1, side
 
 
-def test_blur_keeps_a_constant_image_constant():
-  image = jnp.full((224, 224, 3), 0.6)
-  out = blur(image, 2.0, 23)
-  np.testing.assert_allclose(out, 0.6, atol=1e-6)  # borders included
+def test_blur_of_a_constant_image_darkens_at_the_borders():
+  # Zero padding, as DeepMind's 'SAME' convolution: the corner keeps only
+  # the part of the 2-D kernel inside the image, 0.8 * (k_0 / 2 + 1 / 2)^2
+  # for a normalised symmetric 1-D kernel k (k_0 its centre tap).
+  cases = [(224, 23, 1.0, 0.3914), (224, 23, 2.0, 0.2877), (24, 3, 2.0, 0.3708)]
+  for side, taps, sigma, corner in cases:
+    out = np.asarray(blur(jnp.full((side, side, 3), 0.8), sigma, taps))
+    k = np.exp(-0.5 * (np.arange(-(taps // 2), taps // 2 + 1) / sigma)**2)
+    k0 = k[taps // 2] / k.sum()
+    np.testing.assert_allclose(out[0, 0], 0.8 * (k0 / 2 + 0.5)**2, rtol=1e-5)
+    np.testing.assert_allclose(out[0, 0], corner, atol=1e-4)
+    np.testing.assert_allclose(out[-1, -1], corner, atol=1e-4)
+    # Farther than the radius from every border the image stays 0.8.
+    r = taps // 2
+    np.testing.assert_allclose(out[r:side - r, r:side - r], 0.8, atol=1e-6)
   # A constant patch in a random frame: its interior (more than the kernel
   # radius from the patch edge) keeps its mean and value.
   frame = jax.random.uniform(jax.random.key(0), (64, 64, 3))
   frame = frame.at[10:54, 10:54].set(0.3)
   out = blur(frame, 1.5, 7)
   assert abs(float(out[13:51, 13:51].mean()) - 0.3) < 1e-6
+
+
+@pytest.mark.parametrize('height, width, taps, sigma', [
+    (32, 32, 3, 0.7), (24, 40, 5, 1.3), (17, 9, 7, 2.0),
+    (8, 8, 23, 2.0),  # a kernel longer than the image: all outside is zero
+])
+def test_blur_equals_a_zero_padded_convolution(height, width, taps, sigma):
+  image = np.asarray(jax.random.uniform(jax.random.key(taps),
+                                        (height, width, 3)))
+  r = taps // 2
+  k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma)**2)
+  k2 = np.outer(k, k) / k.sum()**2
+  expected = np.stack([
+      ndimage.correlate(image[..., c].astype(np.float64), k2,
+                        mode='constant', cval=0.) for c in range(3)], -1)
+  out = np.asarray(blur(jnp.asarray(image), sigma, taps))
+  np.testing.assert_allclose(out, expected, atol=1e-6)
+  # A 1-tap kernel is the identity.
+  np.testing.assert_array_equal(blur(jnp.asarray(image), sigma, 1), image)
 
 
 def test_blur_impulse_response():
@@ -115,34 +148,76 @@ def test_contrast_and_saturation():
   x, out = np.asarray(x), np.asarray(adjust_contrast(x, 0.5))
   np.testing.assert_allclose(out.mean((0, 1)), x.mean((0, 1)), atol=1e-6)
   np.testing.assert_allclose(out.std((0, 1)), 0.5 * x.std((0, 1)), atol=1e-6)
-  gray = x @ np.asarray(aug.GRAYSCALE_WEIGHTS, np.float32)
-  np.testing.assert_allclose(adjust_saturation(x, 0.), np.stack([gray] * 3, -1),
-                             atol=1e-6)
+  # HSV saturation 0 leaves the value: every channel becomes the pixel's max
+  # (not its luma, as a blend with grey would give).
+  np.testing.assert_allclose(adjust_saturation(x, 0.),
+                             np.broadcast_to(x.max(-1, keepdims=True),
+                                             x.shape), atol=1e-6)
   np.testing.assert_allclose(adjust_saturation(x, 1.), x, atol=1e-6)
   np.testing.assert_allclose(adjust_brightness(x, 0.5), np.clip(x + .5, 0, 1))
 
 
+def _random_images(seed, n=16, side=24):
+  """Uniform RGB images with gray, black, white and saturated pixels too."""
+  x = np.random.default_rng(seed).uniform(size=(n, side, side, 3))
+  x = x.astype(np.float32)
+  x[:, 0, :4] = [[0., 0., 0.], [1., 1., 1.], [.4, .4, .4], [1., 0., 0.]]
+  x[:, 1, :3] = [[0., 1., .5], [.2, .2, .9], [.9, .9, .2]]
+  return x
+
+
+@pytest.mark.parametrize('factor', [0., 0.5, 0.8, 0.93, 1.07, 1.2, 2.0, 5.0])
+def test_saturation_matches_tensorflow(factor):
+  # DeepMind's saturation is tf.image.adjust_saturation's rule: HSV, S scaled
+  # and clipped to [0, 1]. The blend with grey it replaces was 0.17 off at
+  # factor 0.8.
+  x = _random_images(12)
+  expected = np.clip(tf.image.adjust_saturation(x, factor).numpy(), 0., 1.)
+  out = np.asarray(adjust_saturation(jnp.asarray(x), factor))
+  assert np.abs(out - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize('delta', [-0.1, -0.037, 0.05, 0.1, 0.5])
+def test_hue_brightness_and_contrast_match_tensorflow(delta):
+  x = _random_images(13)
+  hue = np.clip(tf.image.adjust_hue(x, delta).numpy(), 0., 1.)
+  assert np.abs(np.asarray(adjust_hue(jnp.asarray(x), delta)) - hue).max() < 1e-5
+  brightness = np.clip(tf.image.adjust_brightness(x, 4 * delta).numpy(), 0, 1)
+  np.testing.assert_allclose(adjust_brightness(jnp.asarray(x), 4 * delta),
+                             brightness, atol=1e-6)
+  # Contrast: per image and per channel mean, as TensorFlow (and DeepMind).
+  factor = 1. + 4 * delta
+  contrast = np.clip(tf.image.adjust_contrast(x, factor).numpy(), 0., 1.)
+  out = jax.vmap(lambda im: adjust_contrast(im, factor))(jnp.asarray(x))
+  np.testing.assert_allclose(out, contrast, atol=1e-5)
+
+
 def test_color_jitter_applies_the_four_ops_in_the_drawn_order():
-  # The fused implementation must equal the four reference ops applied in the
-  # order given by ranking u[4:8], with strengths from u[:4]: checked for
-  # each of the 24 orders.
+  # The fused implementation must equal TensorFlow's four ops (DeepMind's
+  # definitions), each clipped to [0, 1], applied in the order given by
+  # ranking u[4:8], with strengths from u[:4]: checked for each of the 24
+  # orders.
   cfg = _view()
   image = jax.random.uniform(jax.random.key(4), (8, 8, 3))
   color_jitter = aug._color_jitter  # pylint: disable=protected-access
   jitter = jax.jit(lambda u: color_jitter(image, u, cfg))
   strengths = np.asarray(jax.random.uniform(jax.random.key(5), (24, 4)))
   orders = list(itertools.permutations(range(4)))
+  clip = lambda t: tf.clip_by_value(t, 0., 1.)
   for order, t in zip(orders, strengths):
     b, c, s, h = [lo + (hi - lo) * v for (lo, hi), v in zip(
         [(-.4, .4), (.6, 1.4), (.8, 1.2), (-.1, .1)], t)]
-    ops = [lambda x: adjust_brightness(x, b), lambda x: adjust_contrast(x, c),
-           lambda x: adjust_saturation(x, s), lambda x: adjust_hue(x, h)]
+    ops = [lambda x: clip(tf.image.adjust_brightness(x, b)),
+           lambda x: clip(tf.image.adjust_contrast(x, c)),
+           lambda x: clip(tf.image.adjust_saturation(x, s)),
+           lambda x: clip(tf.image.adjust_hue(x, h))]
     ranks = np.argsort(order)  # op i comes at position ranks[i]
     u = np.concatenate([t, (ranks + 0.5) / 4]).astype(np.float32)
-    expected = image
+    expected = tf.constant(np.asarray(image))
     for i in order:
       expected = ops[i](expected)
-    np.testing.assert_allclose(jitter(jnp.asarray(u)), expected, atol=2e-5)
+    np.testing.assert_allclose(jitter(jnp.asarray(u)), expected.numpy(),
+                               atol=2e-5)
   assert len(set(orders)) == 24
 
 
@@ -194,7 +269,8 @@ def _applied(before, after):
 def _frequencies(image, key, probs, strengths):
   # One compilation serves every view, op and probability: they are traced
   # arguments (only the kernel fraction, fixed, shapes the computation).
-  cfg = dict(strengths, **probs, blur_kernel_fraction=0.1)
+  # 0.4 gives 3 taps at 8 px; 0.1 would give DeepMind's single tap (no blur).
+  cfg = dict(strengths, **probs, blur_kernel_fraction=0.4)
   images = jnp.broadcast_to(image, (N_DRAWS,) + image.shape)
   out = aug._augment_images(images, key, cfg)  # pylint: disable=protected-access
   return _applied(images, out)
@@ -226,7 +302,7 @@ def test_view_probabilities_come_from_the_config():
 # --- postprocess -------------------------------------------------------------
 
 
-def _batch(n=8, side=16, seed=9):
+def _batch(n=8, side=24, seed=9):
   k1, k2 = jax.random.split(jax.random.key(seed))
   views = [jax.random.uniform(k, (n, side, side, 3)) for k in (k1, k2)]
   # Extremes too: ops must keep 0 and 1 in range.
@@ -244,7 +320,7 @@ def test_postprocess_jit_equals_eager_and_stays_in_range():
   eager = aug.postprocess(batch, key, AUG_CONFIG)  # op by op, not compiled
   for k in ('view1', 'view2'):
     np.testing.assert_allclose(out[k], eager[k], atol=1e-5)
-    assert out[k].shape == (2, 4, 16, 16, 3) and out[k].dtype == jnp.float32
+    assert out[k].shape == (2, 4, 24, 24, 3) and out[k].dtype == jnp.float32
     assert float(out[k].min()) >= 0. and float(out[k].max()) <= 1.
     assert float(jnp.abs(out[k] - batch[k]).mean()) > 0.01
   np.testing.assert_array_equal(out['labels'], batch['labels'])
