@@ -103,9 +103,8 @@ FASHION_MNIST_STD = (0.3530242,) * 3
 # a fraction U[0.08, 1] of the image area, with log(width / height) uniform.
 CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RATIO_RANGE = (3. / 4., 4. / 3.)
-CROP_MAX_ATTEMPTS = 10
 # Evaluation centre crop: image_size / (image_size + 32) of the shorter side
-# (224 / 256 at 224 px).
+# (224 / 256 at 224 px), truncated.
 EVAL_CROP_PADDING = 32
 
 # Salts that make the random streams of one seed independent of each other.
@@ -234,16 +233,19 @@ def _stateless_seed(seed: int, process_index: int, salt: int, counter):
 def sample_crop_boxes(
     seed, height, width, num_boxes: int = 1, *,
     area_range: Sequence[float] = CROP_AREA_RANGE,
-    aspect_ratio_range: Sequence[float] = CROP_ASPECT_RATIO_RANGE,
-    max_attempts: int = CROP_MAX_ATTEMPTS) -> tf.Tensor:
-  """Samples random-resized-crop windows, statelessly.
+    aspect_ratio_range: Sequence[float] = CROP_ASPECT_RATIO_RANGE
+) -> tf.Tensor:
+  """Samples random-resized-crop windows, statelessly, as DeepMind's BYOL.
 
-  Each attempt draws an area fraction uniformly from `area_range` and a
-  log aspect ratio (width / height) uniformly from the logs of
-  `aspect_ratio_range`; the first attempt whose rounded box fits in the
-  image wins, and its offset is uniform over the valid positions. If none of
-  the `max_attempts` fits, the box is the centred crop of the whole image with
-  its aspect ratio clamped to the range (the whole image when it is in range).
+  One draw per box, no retries: an area fraction uniform in `area_range` and
+  a log aspect ratio (width / height) uniform between the logs of
+  `aspect_ratio_range` give the sides sqrt(area * ratio) and
+  sqrt(area / ratio), rounded (half to even, as `tf.round`); a side longer
+  than the image is cut to the image's. So on a 375 x 500 image about a
+  quarter of the crops span the full height or width, and on elongated
+  images many crops leave the aspect range. The offset is uniform over the
+  positions that keep the box inside the image. Sides are at least 1 pixel
+  (which matters only for images of a few pixels).
 
   Args:
     seed: a stateless seed, shape [2] integer.
@@ -252,44 +254,50 @@ def sample_crop_boxes(
     num_boxes: how many boxes to draw.
     area_range: (min, max) fraction of the image area.
     aspect_ratio_range: (min, max) of width / height.
-    max_attempts: rejection-sampling attempts before the fallback.
 
   Returns:
     int32 [num_boxes, 4] boxes (offset_y, offset_x, crop_height, crop_width).
   """
-  height = tf.broadcast_to(tf.cast(height, tf.float32), [num_boxes])[:, None]
-  width = tf.broadcast_to(tf.cast(width, tf.float32), [num_boxes])[:, None]
-  u = tf.random.stateless_uniform([num_boxes, max_attempts, 4], seed=seed)
+  height = tf.broadcast_to(tf.cast(height, tf.float32), [num_boxes])
+  width = tf.broadcast_to(tf.cast(width, tf.float32), [num_boxes])
+  u = tf.random.stateless_uniform([num_boxes, 4], seed=seed)
   area = height * width * (area_range[0] +
-                           (area_range[1] - area_range[0]) * u[..., 0])
+                           (area_range[1] - area_range[0]) * u[:, 0])
   log_lo = math.log(aspect_ratio_range[0])
   log_hi = math.log(aspect_ratio_range[1])
-  ratio = tf.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-  crop_w = tf.round(tf.sqrt(area * ratio))
-  crop_h = tf.round(tf.sqrt(area / ratio))
-  fits = ((crop_w >= 1) & (crop_h >= 1) & (crop_w <= width) &
-          (crop_h <= height))
-  # Index of the first attempt that fits (0 if none does; replaced below).
-  first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
-  found = tf.reduce_any(fits, axis=1)
-  pick = lambda t: tf.gather(t, first, axis=1, batch_dims=1)
-  crop_h, crop_w = pick(crop_h), pick(crop_w)
-  off_y = tf.floor(pick(u[..., 2]) * (height[:, 0] - crop_h + 1))
-  off_x = tf.floor(pick(u[..., 3]) * (width[:, 0] - crop_w + 1))
-  # Fallback: centre crop, aspect ratio clamped into the range.
-  h0, w0 = height[:, 0], width[:, 0]
-  in_ratio = w0 / h0
-  fb_w = tf.where(in_ratio > aspect_ratio_range[1],
-                  tf.round(h0 * aspect_ratio_range[1]), w0)
-  fb_h = tf.where(in_ratio < aspect_ratio_range[0],
-                  tf.round(w0 / aspect_ratio_range[0]), h0)
-  fb_y = tf.floor((h0 - fb_h) / 2)
-  fb_x = tf.floor((w0 - fb_w) / 2)
-  box = tf.stack([
-      tf.where(found, tf.minimum(off_y, h0 - crop_h), fb_y),
-      tf.where(found, tf.minimum(off_x, w0 - crop_w), fb_x),
-      tf.where(found, crop_h, fb_h),
-      tf.where(found, crop_w, fb_w)], axis=-1)
+  ratio = tf.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+  crop_w = tf.clip_by_value(tf.round(tf.sqrt(area * ratio)), 1., width)
+  crop_h = tf.clip_by_value(tf.round(tf.sqrt(area / ratio)), 1., height)
+  # u < 1, but u * n can round up to n in float32 for large n: hence the min.
+  off_y = tf.minimum(tf.floor(u[:, 2] * (height - crop_h + 1)),
+                     height - crop_h)
+  off_x = tf.minimum(tf.floor(u[:, 3] * (width - crop_w + 1)), width - crop_w)
+  return tf.cast(tf.stack([off_y, off_x, crop_h, crop_w], axis=-1), tf.int32)
+
+
+def centre_crop_box(height, width, image_size: int = 224) -> tf.Tensor:
+  """The evaluation crop of an image (or of many), as DeepMind's BYOL.
+
+  A square of side int(image_size / (image_size + 32) * shorter side), the
+  product truncated (224 / 256 = 0.875 at 224 px; computed in integers, so
+  exactly), at offset ((side of the image - crop side) + 1) // 2 on each
+  axis.
+
+  Args:
+    height: image height(s), an integer scalar or tensor.
+    width: image width(s), broadcastable with `height`.
+    image_size: the output size the crop is resized to.
+
+  Returns:
+    int32 [..., 4] boxes (offset_y, offset_x, side, side).
+  """
+  height = tf.cast(height, tf.int64)
+  width = tf.cast(width, tf.int64)
+  side = (image_size * tf.minimum(height, width)) // (
+      image_size + EVAL_CROP_PADDING)
+  side = tf.maximum(side, 1)
+  box = tf.stack([(height - side + 1) // 2, (width - side + 1) // 2,
+                  side, side], axis=-1)
   return tf.cast(box, tf.int32)
 
 
@@ -470,12 +478,7 @@ def _random_crop(jpeg, key, image_size: int):
 
 def _centre_crop(jpeg, image_size: int):
   shape = tf.image.extract_jpeg_shape(jpeg)
-  h, w = shape[0], shape[1]
-  side = tf.cast(tf.round(
-      image_size / (image_size + EVAL_CROP_PADDING) *
-      tf.cast(tf.minimum(h, w), tf.float32)), tf.int32)
-  side = tf.maximum(side, 1)
-  box = tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
+  box = centre_crop_box(shape[0], shape[1], image_size)
   return _decode_crop_resize(jpeg, box, image_size)
 
 

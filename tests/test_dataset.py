@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from byol import dataset
@@ -86,11 +87,55 @@ def _boxes(height, width, n, seed=(3, 5), **kwargs):
                                    n, **kwargs).numpy()
 
 
+def _rule_reference(height, width, n, seed=0):
+  """NumPy Monte Carlo of DeepMind's crop rule: one draw, sides rounded and
+  clipped to the image. Returns float64 (crop_height, crop_width)."""
+  rng = np.random.default_rng(seed)
+  area = rng.uniform(0.08, 1., n) * height * width
+  ratio = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), n))
+  return (np.minimum(np.round(np.sqrt(area / ratio)), height),
+          np.minimum(np.round(np.sqrt(area * ratio)), width))
+
+
+def _crop_stats(h, w, height, width):
+  """Per-crop (area fraction, spans full height or width, aspect outside
+  [3/4, 4/3]) as float arrays."""
+  ratio = w / h
+  return (h * w / (height * width), ((h == height) | (w == width)) * 1.,
+          ((ratio < 3 / 4) | (ratio > 4 / 3)) * 1.)
+
+
+@pytest.mark.parametrize('height, width, expected', [
+    # (mean area, full height or width, aspect outside [3/4, 4/3]) of the
+    # rule, from 4M NumPy draws; the retrying sampler this replaced gave
+    # 0.432 / 0.006 / 0.001 and 0.225 / 0.051 / 0.040.
+    (375, 500, (0.5186, 0.2626, 0.0011)),
+    (200, 600, (0.3950, 0.7212, 0.4352)),
+])
+def test_crop_statistics_match_deepminds_rule(height, width, expected):
+  n = 20_000
+  y, x, h, w = _boxes(height, width, n).T
+  assert ((y >= 0) & (x >= 0) & (y + h <= height) & (x + w <= width)).all()
+  ours = _crop_stats(h, w, height, width)
+  reference = _crop_stats(*_rule_reference(height, width, 400_000), height,
+                          width)
+  for name, a, b, e in zip(('area', 'full', 'outside'), ours, reference,
+                           expected):
+    se = math.sqrt(a.var() / a.size + b.var() / b.size)
+    assert abs(a.mean() - b.mean()) < 4 * se, (name, a.mean(), b.mean())
+    assert abs(b.mean() - e) < 0.005, (name, b.mean(), e)
+  # Offsets are uniform over the free range of each axis.
+  for offset, free in ((y, height - h), (x, width - w)):
+    room = free > 0
+    frac = offset[room] / free[room]
+    assert abs(frac.mean() - 0.5) < 4 * math.sqrt(1 / 12 / room.sum())
+
+
 def test_crop_area_and_aspect_distribution():
-  # On a large square image rounding is negligible and the accepted
-  # (area fraction a, log ratio l) are uniform on {a <= exp(-|l|)} within
-  # [0.08, 1] x [-L/2, L/2], L = log(16/9): attempts that do not fit are
-  # rejected (10 of them all failing has probability ~3e-9).
+  # On a large square image rounding is negligible: the area fraction a is
+  # U[0.08, 1] and the log ratio l U[-L/2, L/2], L = log(16/9); sides longer
+  # than the image are cut, so a crop covers min(1, sqrt(a e^l)) x
+  # min(1, sqrt(a e^-l)) of it (no retries).
   n, side = 20_000, 2_000
   y, x, h, w = _boxes(side, side, n).T
   assert (y >= 0).all() and (x >= 0).all()
@@ -99,26 +144,35 @@ def test_crop_area_and_aspect_distribution():
   log_ratio = np.log(w / h)
   half = math.log(4 / 3)
   assert area.min() >= 0.08 - 1e-3 and area.max() <= 1.
-  assert np.abs(log_ratio).max() <= half + 1e-3
-  region = 2 * (1 - math.exp(-half)) - 0.08 * 2 * half  # 0.45397
-  expected_mean = ((1 - math.exp(-2 * half)) / 2 - 0.08**2 * half) / region
+  # Rounding moves each side (>= 489 px) by at most half a pixel.
+  assert np.abs(log_ratio).max() <= half + 2 * 0.5 / 489
+  # The expected area by a midpoint rule on a 2000 x 2000 grid: 0.5337 (the
+  # retrying sampler gave 0.4778).
+  grid_a = 0.08 + 0.92 * (np.arange(2_000) + 0.5) / 2_000
+  grid_l = half * (2 * (np.arange(2_000) + 0.5) / 2_000 - 1)
+  cover = lambda s: np.minimum(1., np.sqrt(grid_a[:, None] * np.exp(s)))
+  expected_mean = (cover(grid_l[None]) * cover(-grid_l[None])).mean()
+  assert abs(expected_mean - 0.5337) < 1e-4
   se = area.std() / math.sqrt(n)
-  assert abs(area.mean() - expected_mean) < 3 * se  # 0.4778
-  # Below a = 3/4 nothing is rejected: there a ~ U[0.08, 0.75] and
-  # l ~ U[-L/2, L/2], independently, carrying 0.8492 of the mass.
-  small = area <= 0.75
-  p_small = 0.67 * 2 * half / region
-  assert abs(small.mean() - p_small) < 3 * math.sqrt(p_small *
+  assert abs(area.mean() - expected_mean) < 4 * se
+  # Up to a = 3/4 nothing is cut (a e^|l| <= 1): there the crop keeps its
+  # a ~ U[0.08, 0.75] and l ~ U[-L/2, L/2], independently, with mass
+  # 0.67 / 0.92 = 0.7283; a cut crop covers at least sqrt(3/4 * 3/4).
+  small = area < 0.75
+  p_small = 0.67 / 0.92
+  assert abs(small.mean() - p_small) < 4 * math.sqrt(p_small *
                                                       (1 - p_small) / n)
   a, l = area[small], log_ratio[small]
-  assert abs(a.mean() - 0.415) < 3 * 0.67 / math.sqrt(12 * a.size)
-  assert abs(l.mean()) < 3 * 2 * half / math.sqrt(12 * l.size)
+  assert abs(a.mean() - 0.415) < 4 * 0.67 / math.sqrt(12 * a.size)
+  assert abs(l.mean()) < 4 * 2 * half / math.sqrt(12 * l.size)
   assert abs(l.var() - (2 * half)**2 / 12) < 0.03 * (2 * half)**2 / 12
   quarters = np.histogram(l, bins=4, range=(-half, half))[0] / l.size
-  assert np.abs(quarters - 0.25).max() < 3 * math.sqrt(0.25 * 0.75 / l.size)
-  # Offsets are uniform over the free range.
-  free = side - h
-  assert abs(np.mean(y / np.maximum(free, 1)) - 0.5) < 0.01
+  assert np.abs(quarters - 0.25).max() < 4 * math.sqrt(0.25 * 0.75 / l.size)
+  # A cut crop spans the whole height or width; a crop is cut when
+  # a > e^-|l|: with probability (1 - (1 - e^(-L/2)) / (L/2)) / 0.92 = 0.1424.
+  p_cut = (1 - (1 - math.exp(-half)) / half) / 0.92
+  full = ((h == side) | (w == side)).mean()
+  assert abs(full - p_cut) < 4 * math.sqrt(p_cut * (1 - p_cut) / n)
 
 
 def test_crop_boxes_on_28_pixel_images():
@@ -126,15 +180,54 @@ def test_crop_boxes_on_28_pixel_images():
   assert ((y >= 0) & (x >= 0) & (y + h <= 28) & (x + w <= 28)).all()
   area = h * w / 28**2
   assert area.min() >= 0.07 and area.max() <= 1.
-  assert abs(area.mean() - 0.478) < 0.02  # rounding moves it a little
+  # The rule's mean with its rounding (NumPy, 4M draws): 0.5339, sd 0.257.
+  assert abs(area.mean() - 0.5339) < 4 * 0.257 / math.sqrt(5_000)
 
 
-def test_crop_fallback_is_clamped_centre_crop():
-  # An impossible aspect range forces the fallback: the centre crop of the
-  # whole image with its ratio clamped to [3, 4] (width / height).
-  boxes = _boxes(100, 100, 4, aspect_ratio_range=(3., 4.),
-                 area_range=(0.9, 1.))
-  np.testing.assert_array_equal(boxes, [[33, 0, 33, 100]] * 4)
+def test_crop_sides_are_cut_to_the_image():
+  # Aspect ratios of 3 to 4 and areas of 90-100% on 100 x 100: every width
+  # (sqrt(area * ratio) >= 164) is cut to 100, the heights round to
+  # sqrt(9000 / 4) = 47.4 ... sqrt(10000 / 3) = 57.7; no retry, no fallback.
+  y, x, h, w = _boxes(100, 100, 2_000, aspect_ratio_range=(3., 4.),
+                      area_range=(0.9, 1.)).T
+  assert (w == 100).all() and (x == 0).all()
+  assert h.min() >= 47 and h.max() <= 58 and h.max() - h.min() >= 8
+  assert (y >= 0).all() and (y + h <= 100).all() and y.max() > 40
+
+
+def test_centre_crop_box_truncates_as_deepmind():
+  # Every image size from 200 to 800 on both axes, against NumPy:
+  # side = int(224 / 256 * shorter side), offset ((H - side) + 1) // 2.
+  sizes = np.arange(200, 801)
+  height, width = np.meshgrid(sizes, sizes, indexing='ij')
+  boxes = dataset.centre_crop_box(height, width, 224).numpy()
+  side = (224 / 256 * np.minimum(height, width)).astype(np.int64)
+  expected = np.stack([(height - side + 1) // 2, (width - side + 1) // 2,
+                       side, side], -1)
+  np.testing.assert_array_equal(boxes, expected)
+  # Rounding instead (the old rule) is 1 px off for 43.6% of the sides.
+  rounded = np.round(224 / 256 * sizes).astype(np.int64)
+  truncated = (224 / 256 * sizes).astype(np.int64)
+  assert abs((rounded != truncated).mean() - 0.436) < 1e-3
+  np.testing.assert_array_equal(dataset.centre_crop_box(375, 500).numpy(),
+                                [24, 86, 328, 328])
+  # Other output sizes keep the padding of 32: 24 / 56 of 28 px is 12.
+  np.testing.assert_array_equal(dataset.centre_crop_box(28, 30, 24).numpy(),
+                                [8, 9, 12, 12])
+
+
+def test_centre_crop_decodes_that_box():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (203, 317, 3), dtype=np.uint8)
+  jpeg = tf.io.encode_jpeg(image, quality=100, chroma_downsampling=False)
+  decoded = tf.io.decode_jpeg(jpeg, channels=3)
+  y, x, side, _ = dataset.centre_crop_box(203, 317).numpy()
+  assert (y, x, side) == (13, 70, 177)  # int(0.875 * 203) = int(177.625)
+  window = tf.cast(decoded[y:y + side, x:x + side], tf.float32) / 255.
+  expected = tf.clip_by_value(
+      tf.image.resize(window, [224, 224], method='bicubic'), 0., 1.)
+  out = dataset._centre_crop(jpeg, 224)  # pylint: disable=protected-access
+  np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=1e-6)
 
 
 def test_crop_boxes_are_a_function_of_the_seed():
