@@ -171,12 +171,15 @@ def _blend(image, scale, mean_weight, offset, saturation):
   of this map, so a randomly chosen one of them costs one evaluation (a
   select of four scalars) rather than one evaluation of every candidate.
   """
-  value = jnp.max(image, axis=-1, keepdims=True)
-  chroma = value - jnp.min(image, axis=-1, keepdims=True)
+  # Channels written out rather than reduced over the last axis, so that XLA
+  # fuses the whole map.
+  r, g, b = image[..., 0], image[..., 1], image[..., 2]
+  value = jnp.maximum(jnp.maximum(r, g), b)
+  chroma = value - jnp.minimum(jnp.minimum(r, g), b)
   limit = value / jnp.where(chroma > 0, chroma, 1.)
-  k = jnp.where(saturation > 0, jnp.clip(scale, 0., limit), scale)
+  k = jnp.where(saturation > 0, jnp.clip(scale, 0., limit), scale)[..., None]
   mean = jnp.mean(image, axis=(-3, -2))  # per channel
-  return jnp.clip(k * image + (1. - k) * saturation * value +
+  return jnp.clip(k * image + (1. - k) * saturation * value[..., None] +
                   mean_weight * mean + offset, 0., 1.)
 
 
