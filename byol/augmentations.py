@@ -12,11 +12,12 @@ strengths (`config.data.augmentations.view1` / `.view2`, BYOL Table 6):
   4. Gaussian blur                        p = blur_prob
   5. solarization                         p = solarize_prob
 
-Each op has the semantics of DeepMind's BYOL (`byol/utils/augmentations.py`
-in deepmind-research), which are TensorFlow's: brightness adds a delta; contrast scales around each channel's
-mean; saturation and hue act in HSV (`tf.image.adjust_saturation` clips S to
-[0, 1]); grayscale takes the ITU-R 601-2 luma; the blur is zero padded, with
-2 * int(fraction * side / 2) + 1 taps (none below 20 px).
+Each op has the semantics of DeepMind's BYOL (deepmind-research
+`byol/utils/augmentations.py`), which are TensorFlow's: brightness adds a
+delta; contrast scales around each channel's mean; saturation and hue act in
+HSV (`tf.image.adjust_saturation` clips S to [0, 1]); grayscale takes the
+ITU-R 601-2 luma; the blur is zero padded, with 2 * int(fraction * side / 2)
++ 1 taps (so none below 20 px at fraction 0.1).
 
 Randomness: `postprocess` splits its key per view, then per image (or, given
 one key per example, splits each example's key per view); each image

@@ -181,7 +181,8 @@ def test_saturation_matches_tensorflow(factor):
 def test_hue_brightness_and_contrast_match_tensorflow(delta):
   x = _random_images(13)
   hue = np.clip(tf.image.adjust_hue(x, delta).numpy(), 0., 1.)
-  assert np.abs(np.asarray(adjust_hue(jnp.asarray(x), delta)) - hue).max() < 1e-5
+  out = np.asarray(adjust_hue(jnp.asarray(x), delta))
+  assert np.abs(out - hue).max() < 1e-5
   brightness = np.clip(tf.image.adjust_brightness(x, 4 * delta).numpy(), 0, 1)
   np.testing.assert_allclose(adjust_brightness(jnp.asarray(x), 4 * delta),
                              brightness, atol=1e-6)
