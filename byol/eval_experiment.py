@@ -3,7 +3,7 @@
 `run(config, workdir)` reads the frozen online encoder of a pretraining
 workdir (or its target, `encoder='target'`), builds the evaluator that
 `config.mode` names (see `byol/evaluation/`) and writes its results to
-`<workdir>/eval_<mode>...`. `probe_report` is the fast probe of a trained and
+`<workdir>/<config.output_name>/`. `probe_report` is the fast probe of a trained and
 of an initial encoder, used after pretraining (`main.py --probe`) and by the
 ablation study.
 
@@ -22,6 +22,7 @@ import ml_collections
 from byol import devices
 from byol.errors import ConfigError
 from byol.evaluation import features as features_lib
+from byol.evaluation import finetune as finetune_lib
 from byol.evaluation import linear as linear_lib
 from byol.evaluation import loop
 from byol.evaluation import probe as probe_lib
@@ -35,14 +36,15 @@ from byol.evaluation.probe import (feature_probe, fit_logistic_regression,  # py
                                    knn_predict, topk_accuracy)
 from byol.evaluation.sources import EvalError, load_pretrained  # pylint: disable=unused-import
 
-MODES = ('linear', 'fast')
+MODES = ('linear', 'finetune', 'fast')
 
 
 def output_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Where `run` writes: <workdir>/eval_<mode>[_select]."""
-  name = f'eval_{config.mode}'
-  if config.mode == 'linear' and config.training.select_on_valid:
-    name += '_select'
+  """Where `run` writes: <workdir>/<config.output_name>."""
+  name = config.output_name
+  if not name or os.path.basename(name) != name or name in ('.', '..',
+                                                            'checkpoints'):
+    raise ConfigError(f'output_name must be a plain folder name, got {name!r}')
   return os.path.join(workdir, name)
 
 
@@ -54,15 +56,20 @@ def write_json(path: str, obj) -> None:
 
 
 class _MetricsFile:
-  """metrics.jsonl of an evaluation (written by process 0 only)."""
+  """metrics.jsonl of an evaluation: opened at the first record, process 0."""
 
   def __init__(self, path: str, enabled: bool):
-    self._file = open(path, 'w') if enabled else None
+    self._path = path
+    self._enabled = enabled
+    self._file = None
 
   def __call__(self, record: Dict[str, Any]) -> None:
-    if self._file is not None:
-      self._file.write(json.dumps(record) + '\n')
-      self._file.flush()
+    if not self._enabled:
+      return
+    if self._file is None:
+      self._file = open(self._path, 'w')
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
 
   def close(self):
     if self._file is not None:
@@ -83,6 +90,9 @@ def make_evaluator(config: ml_collections.ConfigDict,
         knn_temperature=config.knn.temperature,
         batch_size=config.eval_batch_size,
         max_train_examples=config.fast.max_train_examples, printer=printer)
+  if config.mode == 'finetune':
+    return finetune_lib.FineTuneEvaluator.from_config(
+        config, pretrain_config, printer=printer, metrics=metrics)
   return linear_lib.LinearEvaluator.from_config(
       embed, config, pretrain_config, printer=printer, metrics=metrics)
 
@@ -104,6 +114,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       workdir, config.checkpoint_step, config.encoder)
   out_dir = output_dir(config, workdir)
   chief = jax.process_index() == 0
+  metrics = _MetricsFile(os.path.join(out_dir, 'metrics.jsonl'), chief)
+  # Built before anything is written: a bad setting leaves the workdir as is.
+  evaluator = make_evaluator(config, pretrain_config, printer=printer,
+                             metrics=metrics)
   if chief:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
@@ -111,14 +125,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   printer(f'[eval] {config.mode} evaluation of the {config.encoder} encoder '
           f'of {workdir}, checkpoint step {step}')
   t0 = time.time()
-  metrics = _MetricsFile(os.path.join(out_dir, 'metrics.jsonl'),
-                         enabled=chief and config.mode != 'fast')
   try:
-    evaluator = make_evaluator(config, pretrain_config, printer=printer,
-                               metrics=metrics)
     result = evaluator.run(params, state)
   finally:
     metrics.close()
+  result = {k: v for k, v in result.items() if not k.startswith('_')}
   result.update(mode=config.mode, checkpoint_step=int(step),
                 encoder=config.encoder, wall_time_sec=time.time() - t0)
   if chief:

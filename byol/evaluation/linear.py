@@ -11,6 +11,7 @@ and a grid costs one encoder pass per batch.
 
 from typing import Any, Dict, Optional, Sequence
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,12 +25,37 @@ from byol.evaluation import loop
 from byol.evaluation.features import EmbedFn
 
 
+HEAD_INITS = ('zeros', 'haiku')
+
+
+def init_head(kind: str, dim: int, num_classes: int,
+              seed: int = 0) -> Dict[str, jax.Array]:
+  """A linear head {'w': [dim, classes], 'b': [classes]}.
+
+  `zeros`: all zero (deterministic; the first step is the same for any
+  seed). `haiku`: what `hk.Linear` draws by default, as DeepMind's
+  evaluation head: w from a normal of std 1/sqrt(dim) truncated at two
+  standard deviations, b = 0; drawn by Haiku itself from PRNGKey(seed).
+  """
+  if kind not in HEAD_INITS:
+    raise ConfigError(f'training.head_init must be one of '
+                      f'{", ".join(HEAD_INITS)}, got {kind!r}')
+  if kind == 'zeros':
+    return {'w': jnp.zeros((dim, num_classes), jnp.float32),
+            'b': jnp.zeros((num_classes,), jnp.float32)}
+  linear = hk.without_apply_rng(hk.transform(
+      lambda x: hk.Linear(num_classes, name='head')(x)))
+  params = linear.init(jax.random.PRNGKey(seed), jnp.zeros((1, dim)))
+  return dict(params['head'])
+
+
 class LinearEvalFns:
   """Pure functions of the lr-grid linear evaluation (see make_linear_eval_fns).
 
   Attributes:
     init: `init(dim) -> (heads, opt_state)`; every leaf has a leading head
-      axis of length len(lrs); heads start at zero.
+      axis of length len(lrs); every head starts from the same weights
+      (`init_head`).
     train_step: `(heads, opt_state, params, state, images, labels) ->
       (heads, opt_state, loss [H])`.
     eval_step: `(heads, params, state, images, labels, mask) ->
@@ -47,8 +73,9 @@ class LinearEvalFns:
 def make_linear_eval_fns(embed: EmbedFn, num_classes: int,
                          lrs: Sequence[float], schedule_steps: int,
                          momentum: float = 0.9,
-                         axis_name: Optional[str] = devices.AXIS
-                         ) -> LinearEvalFns:
+                         axis_name: Optional[str] = devices.AXIS,
+                         head_init: str = 'zeros',
+                         seed: int = 0) -> LinearEvalFns:
   """The train/eval steps of one linear head per peak learning rate in `lrs`.
 
   Each head is plain SGD with Nesterov momentum on the mean cross-entropy,
@@ -64,6 +91,8 @@ def make_linear_eval_fns(embed: EmbedFn, num_classes: int,
     momentum: Nesterov momentum.
     axis_name: the pmap axis over which gradients and counts are averaged /
       summed; None when the steps run on one device (under jit).
+    head_init: `zeros` or `haiku` (see `init_head`).
+    seed: the key of the `haiku` initialisation.
   """
   lrs = jnp.asarray(lrs, jnp.float32)
   schedule = optax.cosine_decay_schedule(1.0, schedule_steps)
@@ -73,8 +102,7 @@ def make_linear_eval_fns(embed: EmbedFn, num_classes: int,
                           optax.scale_by_schedule(lambda c: -schedule(c)))
 
   def init(dim):
-    head = {'w': jnp.zeros((dim, num_classes), jnp.float32),
-            'b': jnp.zeros((num_classes,), jnp.float32)}
+    head = init_head(head_init, dim, num_classes, seed)
     heads = jax.tree.map(lambda x: jnp.broadcast_to(x, lrs.shape + x.shape),
                          head)
     return heads, jax.vmap(optimizer.init)(heads)
@@ -116,36 +144,63 @@ def make_linear_eval_fns(embed: EmbedFn, num_classes: int,
   return LinearEvalFns(init, train_step, eval_step, learning_rate)
 
 
+def train_split_of(name: str) -> dataset_lib.Split:
+  """`TRAIN` or `TRAIN_AND_VALID` as a Split; `ConfigError` otherwise."""
+  allowed = (dataset_lib.Split.TRAIN, dataset_lib.Split.TRAIN_AND_VALID)
+  for split in allowed:
+    if split.name == name:
+      return split
+  raise ConfigError(f'training.train_split must be TRAIN or TRAIN_AND_VALID, '
+                    f'got {name!r}')
+
+
+def check_protocol(base_lrs: Sequence[float],
+                   train_split: dataset_lib.Split) -> None:
+  """A grid needs VALID to choose on, so it must train on TRAIN."""
+  if not base_lrs or any(lr <= 0 for lr in base_lrs):
+    raise ConfigError(f'learning rates must be positive, got '
+                      f'{tuple(base_lrs)}')
+  if len(base_lrs) > 1 and train_split != dataset_lib.Split.TRAIN:
+    raise ConfigError(
+        f'a grid of {len(base_lrs)} learning rates is chosen on VALID, so it '
+        f'must train on TRAIN, not {train_split.name} (nothing is selected '
+        'on TEST); set training.train_split=TRAIN or training.lr_grid=()')
+
+
 class LinearEvaluator:
   """The linear protocol: `LinearEvaluator(embed, **cfg).run(params, state)`.
 
-  Trains one head per learning rate on `train_split`; reports the head
-  chosen on `select_on` (VALID, or TEST) and its TEST accuracy.
+  Trains one head per learning rate on `train_split`. With several rates
+  (on TRAIN) the head best on VALID is chosen and its TEST accuracy
+  reported; with one rate that head's TEST accuracy is reported (and its
+  VALID accuracy when it trained on TRAIN). Nothing is selected on TEST;
+  every head's TEST accuracy is listed under `per_lr_test_top1` for the
+  record only.
   """
 
-  protocol = ('SGD Nesterov linear heads on augmented images '
-              '(DeepMind\'s protocol)')
+  protocol = ('SGD Nesterov linear heads on augmented images, frozen '
+              'encoder (DeepMind\'s protocol)')
 
   def __init__(self, embed: EmbedFn, *, num_classes: int,
                data: loop.DataSpec, batch_size: int, epochs: float,
                max_steps: int, base_lrs: Sequence[float], momentum: float,
-               train_split: dataset_lib.Split, select_on: dataset_lib.Split,
+               train_split: dataset_lib.Split, head_init: str,
                log_every_steps: int, seed: int,
                printer: loop.Printer = print,
                metrics: Optional[loop.MetricsFn] = None):
-    if not base_lrs or any(lr <= 0 for lr in base_lrs):
-      raise ConfigError(f'learning rates must be positive, got '
-                        f'{tuple(base_lrs)}')
+    check_protocol(base_lrs, train_split)
+    if head_init not in HEAD_INITS:
+      init_head(head_init, 1, 1)  # raises the ConfigError
+    loop.per_device_batch(batch_size)
     self.embed = embed
     self.num_classes = num_classes
     self.data = data
     self.batch_size = batch_size
-    loop.per_device_batch(batch_size)
     self.base_lrs = tuple(base_lrs)
     self.lrs = [lr * batch_size / 256 for lr in self.base_lrs]
     self.momentum = momentum
     self.train_split = train_split
-    self.select_on = select_on
+    self.head_init = head_init
     self.num_train = dataset_lib.num_examples(train_split, data.dataset)
     self.steps = loop.num_steps(epochs, max_steps, self.num_train, batch_size)
     self.log_every_steps = log_every_steps
@@ -160,19 +215,18 @@ class LinearEvaluator:
     """The evaluator of an evaluation config (configs/eval.py)."""
     t = config.training
     data = loop.resolve_data(config, pretrain_config)
-    Split = dataset_lib.Split  # pylint: disable=invalid-name
     return cls(
         embed, num_classes=dataset_lib.num_classes(data.dataset), data=data,
         batch_size=t.batch_size, epochs=t.epochs, max_steps=t.max_steps,
         base_lrs=tuple(t.lr_grid) or (t.base_lr,), momentum=t.momentum,
-        train_split=Split.TRAIN if t.select_on_valid else Split.TRAIN_AND_VALID,
-        select_on=Split.VALID if t.select_on_valid else Split.TEST,
+        train_split=train_split_of(t.train_split), head_init=t.head_init,
         log_every_steps=t.log_every_steps, seed=config.seed, **kwargs)
 
   def run(self, params, state) -> Dict[str, Any]:
     """Trains the heads on the encoder with these parameters; returns results."""
     fns = make_linear_eval_fns(self.embed, self.num_classes, self.lrs,
-                               self.steps, self.momentum)
+                               self.steps, self.momentum,
+                               head_init=self.head_init, seed=self.seed)
     p_train = jax.pmap(fns.train_step, axis_name=devices.AXIS,
                        donate_argnums=(0, 1))
     p_eval = jax.pmap(fns.eval_step, axis_name=devices.AXIS)
@@ -198,7 +252,8 @@ class LinearEvaluator:
 
     self.print(f'[linear-eval] {self.steps} steps of {self.batch_size} images '
                f'on {self.train_split.name}, {len(self.lrs)} heads (lr '
-               f'{", ".join(f"{lr:g}" for lr in self.lrs)})')
+               f'{", ".join(f"{lr:g}" for lr in self.lrs)}), head init '
+               f'{self.head_init}')
     inputs = loop.train_input(self.data, self.train_split, self.batch_size,
                               self.seed)
     heads_r, _ = loop.run_steps(
@@ -211,33 +266,34 @@ class LinearEvaluator:
           lambda *b: p_eval(heads_r, params_r, state_r, *b), self.data,
           split, self.batch_size)
 
-    return self._report(accuracy)
+    return self.report(accuracy)
 
-  def _report(self, accuracy) -> Dict[str, Any]:
-    """Accuracies per head and of the selected head."""
+  def report(self, accuracy) -> Dict[str, Any]:
+    """The results, from `accuracy(split) -> (top1 [H], top5 [H], count)`.
+
+    The reported head is chosen on VALID (several rates) or is the only one;
+    TEST only measures it.
+    """
     lrs = self.lrs
-    test1, test5, n_test = accuracy(dataset_lib.Split.TEST)
-    result = {
-        'per_lr_top1': {f'{lr:g}': float(a) for lr, a in zip(lrs, test1)},
-        'per_lr_top5': {f'{lr:g}': float(a) for lr, a in zip(lrs, test5)},
-        'num_test_examples': n_test,
-        'num_train_examples': self.num_train,
-        'steps': self.steps,
-        'train_split': self.train_split.name,
-    }
-    if self.select_on == dataset_lib.Split.VALID:
+    result = {'num_train_examples': self.num_train, 'steps': self.steps,
+              'train_split': self.train_split.name,
+              'head_init': self.head_init, 'protocol': self.protocol}
+    best = 0
+    if self.train_split == dataset_lib.Split.TRAIN:
       valid1, _, n_valid = accuracy(dataset_lib.Split.VALID)
       best = int(np.argmax(valid1))
       result['per_lr_valid_top1'] = {f'{lr:g}': float(a)
                                      for lr, a in zip(lrs, valid1)}
       result['num_valid_examples'] = n_valid
-      result['selected_on'] = 'VALID'
-    else:
-      best = int(np.argmax(test1))
-      result['selected_on'] = 'TEST'
-    result.update(top1_accuracy=float(test1[best]),
-                  top5_accuracy=float(test5[best]),
-                  learning_rate=float(lrs[best]),
-                  base_learning_rate=float(self.base_lrs[best]),
-                  protocol=self.protocol)
+      result['valid_top1_accuracy'] = float(valid1[best])
+    result['selected_on'] = 'VALID' if len(lrs) > 1 else 'none (one rate)'
+    test1, test5, n_test = accuracy(dataset_lib.Split.TEST)
+    result.update(
+        top1_accuracy=float(test1[best]), top5_accuracy=float(test5[best]),
+        learning_rate=float(lrs[best]),
+        base_learning_rate=float(self.base_lrs[best]),
+        num_test_examples=n_test,
+        # For the record only: choosing among these would select on TEST.
+        per_lr_test_top1={f'{lr:g}': float(a) for lr, a in zip(lrs, test1)},
+        per_lr_test_top5={f'{lr:g}': float(a) for lr, a in zip(lrs, test5)})
     return result
