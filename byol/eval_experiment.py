@@ -101,7 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         printer=print) -> Dict[str, Any]:
   """Evaluates the pretraining run in `workdir`; writes `output_dir`.
 
-  Writes config.json (the evaluation config), metrics.jsonl (linear mode)
+  Writes config.json (the evaluation config), metrics.jsonl (SGD protocols)
   and summary.json: top1_accuracy, top5_accuracy and the protocol's details.
   """
   if config.mode not in MODES:
