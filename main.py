@@ -4,6 +4,7 @@ r"""The one entry point: pretraining, or linear evaluation of a pretraining run.
       [--config.FIELD=VALUE ...] [--probe]
   python main.py --config=configs/eval.py[:VARIANTS] --workdir=DIR \
       [--config.FIELD=VALUE ...]
+  python main.py --config=configs/byol.py:bn --workdir=DIR --import_dm=FILE.pkl
 
 Bad input (unknown field, impossible value, missing dataset, unusable
 checkpoint) ends with one `error: ...` line on stderr and exit status 2.
@@ -33,6 +34,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Working directory: '
 _PROBE = flags.DEFINE_bool(
     'probe', False, 'After pretraining, fit a linear probe on frozen features '
     'of the trained encoder and of the same encoder at initialisation.')
+_IMPORT_DM = flags.DEFINE_string(
+    'import_dm', None, 'A DeepMind BYOL checkpoint (.pkl) to write as the '
+    'first checkpoint of --workdir for the pretraining --config (e.g. '
+    'configs/byol.py:bn for pretrain_res50x1.pkl); then exit.')
 
 
 def fail(message: str, status: int = 2):
@@ -90,6 +95,10 @@ def _run(config, workdir):
   # Imported here so that flag errors come back without importing JAX/TF.
   from byol import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config)
+  if _IMPORT_DM.value:
+    from byol import dm_checkpoint  # pylint: disable=g-import-not-at-top
+    dm_checkpoint.import_to_workdir(_IMPORT_DM.value, config, workdir)
+    return
   if config.get('experiment', 'pretrain') == 'linear_eval':
     from byol import eval_experiment  # pylint: disable=g-import-not-at-top
     summary = eval_experiment.run(config, workdir)

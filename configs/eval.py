@@ -1,39 +1,56 @@
-"""Linear evaluation of a pretraining run's frozen online encoder.
+"""Evaluation of a pretraining run: linear evaluation, fine-tuning, fast probe.
 
-`--workdir` is the pretraining workdir; results go to
-`<workdir>/eval_linear/`, `eval_linear_select/` or `eval_fast/`
-(`summary.json` with top-1 and top-5, `config.json`, and for the linear
-protocol `metrics.jsonl`). Variants (comma-separated):
+`--workdir` is the pretraining workdir (or one made by `main.py --import_dm`
+from a DeepMind checkpoint); results go to `<workdir>/<output_name>/`
+(`summary.json` with top-1 and top-5, `config.json`, and for the SGD
+protocols `metrics.jsonl`). Variants (comma-separated):
 
-  (default)  DeepMind's protocol: SGD + Nesterov 0.9, no weight decay,
-             lr = base_lr * batch/256 with cosine decay, 80 epochs, batch 1024,
-             random-resized-crop + flip on the training images, centre crop
-             for the test images; one linear head per learning rate in
-             `lr_grid`, trained side by side on the same frozen features;
-             the head best on TEST is reported (optimistic: see `select`).
-  select     pick the learning rate on VALID after training on TRAIN (the
-             paper's protocol), then report that head's TEST accuracy.
+  (default)  the BYOL paper's linear protocol: a frozen encoder (BatchNorm
+             in inference mode), linear heads trained by SGD + Nesterov 0.9,
+             no weight decay, lr = base * batch/256 with cosine decay, 80
+             epochs of batch 1024, random-resized-crop + flip on the training
+             images, centre crop for evaluation. One head per base rate of
+             `lr_grid` {0.4, 0.3, 0.2, 0.1, 0.05}, all trained side by side on
+             TRAIN (the training images minus their first 10,000); the rate
+             is chosen on VALID (those 10,000) and the chosen head's TEST
+             accuracy is reported. Nothing is selected on TEST.
+             -> eval_linear/
+  dm         DeepMind's code defaults (byol/configs/eval.py): one base rate
+             0.2, batch 4096, trained on TRAIN_AND_VALID, the head
+             initialised as Haiku's `hk.Linear` (truncated normal, std
+             1/sqrt(fan in); zero bias) instead of zeros. -> eval_linear_dm/
+  finetune   DeepMind's fine-tuning (`freeze_backbone=False`): the dm
+             settings with the encoder trained too (same SGD, same rate),
+             BatchNorm in training mode (batch statistics over all devices)
+             while training, inference mode for evaluation. -> eval_finetune/
   fast       a different, quicker protocol: encode every image once without
              augmentation and fit a multinomial logistic regression (L-BFGS)
              on the cached features; also reports kNN (cosine, k=200,
              votes weighted by exp(similarity / 0.07)). Its numbers are not
-             comparable with the linear protocol's.
+             comparable with the SGD protocols'. -> eval_fast/
   local      the CPU scale: 10 epochs, batch 512 (for Fashion-MNIST runs).
+  select     accepted for old command lines: selection on VALID is the
+             default.
 
 Commands:
 
-  python main.py --config=configs/eval.py --workdir=/tmp/byol_gnws
-  python main.py --config=configs/eval.py:select --workdir=/tmp/byol_gnws
+  python main.py --config=configs/eval.py --workdir=/ckpt/byol_gnws
+  python main.py --config=configs/eval.py:dm --workdir=/ckpt/byol_gnws
+  python main.py --config=configs/eval.py:finetune --workdir=/ckpt/byol_gnws
   python main.py --config=configs/eval.py:local,fast --workdir=workdirs/local
+  # DeepMind's released ResNet-50: import it, then evaluate it like a run.
+  python main.py --config=configs/byol.py:bn --workdir=/ckpt/dm_res50 \\
+      --import_dm=pretrain_res50x1.pkl
+  python main.py --config=configs/eval.py:dm --workdir=/ckpt/dm_res50
 """
 
 import ml_collections
 
-VARIANTS = ('select', 'fast', 'local')
+VARIANTS = ('dm', 'finetune', 'fast', 'local', 'select')
 
 
 def get_config(arg=None):
-  """Returns the locked linear-evaluation config for the variants in `arg`."""
+  """Returns the locked evaluation config for the variants in `arg`."""
   variants = [a.strip() for a in (arg or '').split(',') if a.strip()]
   for v in variants:
     if v not in VARIANTS:
@@ -42,7 +59,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.experiment = 'linear_eval'
   c.seed = 0
-  c.mode = 'fast' if 'fast' in variants else 'linear'  # linear | fast
+  c.mode = 'linear'  # linear | finetune | fast
+  c.output_name = 'eval_linear'  # the results folder inside the workdir
   c.checkpoint_step = -1  # -1: the latest checkpoint of the workdir
   c.encoder = 'online'  # online | target
   c.data = ml_collections.ConfigDict()
@@ -53,10 +71,13 @@ def get_config(arg=None):
   c.training.batch_size = 1024
   c.training.epochs = 80
   c.training.max_steps = -1
-  c.training.base_lr = 0.2
+  # The base rates of the heads; () trains one head at `base_lr`.
   c.training.lr_grid = (0.4, 0.3, 0.2, 0.1, 0.05)
+  c.training.base_lr = 0.2
   c.training.momentum = 0.9
-  c.training.select_on_valid = 'select' in variants
+  # TRAIN (selection on VALID) | TRAIN_AND_VALID (one rate, no selection).
+  c.training.train_split = 'TRAIN'
+  c.training.head_init = 'zeros'  # zeros | haiku (hk.Linear's default)
   c.training.log_every_steps = 100
   c.fast = ml_collections.ConfigDict()
   c.fast.l2 = 1e-4  # on the standardized features
@@ -66,6 +87,19 @@ def get_config(arg=None):
   c.knn.k = 200
   c.knn.temperature = 0.07
   c.eval_batch_size = 1000
+  if 'dm' in variants or 'finetune' in variants:
+    c.output_name = 'eval_linear_dm'
+    c.training.batch_size = 4096  # DeepMind's main_loop --batch_size
+    c.training.lr_grid = ()
+    c.training.base_lr = 0.2
+    c.training.train_split = 'TRAIN_AND_VALID'
+    c.training.head_init = 'haiku'
+  if 'finetune' in variants:
+    c.mode = 'finetune'
+    c.output_name = 'eval_finetune'
+  if 'fast' in variants:
+    c.mode = 'fast'
+    c.output_name = 'eval_fast'
   if 'local' in variants:
     c.training.batch_size = 512
     c.training.epochs = 10

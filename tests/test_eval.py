@@ -12,8 +12,13 @@ import optax
 import pytest
 
 from byol import checkpointing
+from byol import dataset
 from byol import eval_experiment
 from byol import experiment
+from byol.errors import ConfigError
+from byol.evaluation import finetune
+from byol.evaluation import linear
+from byol.evaluation import loop
 from configs import eval as eval_config
 from test_experiment import tiny_config
 
@@ -155,7 +160,7 @@ def _eval_config(arg, **fields):
 # does a quarter of the work (it pools globally, so any size works).
 
 
-def test_linear_eval_end_to_end(tiny_workdir):
+def test_linear_eval_selects_on_valid_and_reports_test(tiny_workdir):
   config = _eval_config('local', **{'data.image_size': 8,
       'training.batch_size': 64, 'training.max_steps': 8,
       'training.lr_grid': (1.0, 0.25), 'training.log_every_steps': 4,
@@ -167,12 +172,19 @@ def test_linear_eval_end_to_end(tiny_workdir):
     summary = json.load(f)
   assert summary['top1_accuracy'] == pytest.approx(result['top1_accuracy'])
   assert summary['num_test_examples'] == 10_000
-  assert summary['steps'] == 8 and summary['selected_on'] == 'TEST'
-  assert set(summary['per_lr_top1']) == {'0.25', '0.0625'}  # base * 64/256
+  assert summary['num_valid_examples'] == 10_000
+  assert summary['num_train_examples'] == 50_000  # TRAIN = train[10000:]
+  assert summary['train_split'] == 'TRAIN'
+  assert summary['steps'] == 8 and summary['selected_on'] == 'VALID'
+  assert set(summary['per_lr_test_top1']) == {'0.25', '0.0625'}  # x 64/256
+  # The head best on VALID is the one whose TEST accuracy is reported.
+  valid = summary['per_lr_valid_top1']
+  best = max(valid, key=valid.get)
+  assert summary['learning_rate'] == float(best)
+  assert summary['top1_accuracy'] == summary['per_lr_test_top1'][best]
   # A random GN+WS encoder + 8 SGD steps on 512 images: above chance (10%).
   assert 0.15 < summary['top1_accuracy'] <= 1.0, summary
   assert summary['top5_accuracy'] >= summary['top1_accuracy']
-  assert summary['top1_accuracy'] == max(summary['per_lr_top1'].values())
   with open(os.path.join(out, 'metrics.jsonl')) as f:
     records = [json.loads(l) for l in f]
   assert [r['step'] for r in records] == [4, 8]
@@ -180,19 +192,107 @@ def test_linear_eval_end_to_end(tiny_workdir):
   assert any('step 8/8' in l for l in lines)
 
 
-def test_linear_eval_selects_on_valid(tiny_workdir):
-  config = _eval_config('local,select', **{
-      'training.batch_size': 64, 'training.max_steps': 2,
-      'training.lr_grid': (0.4, 0.1), 'data.image_size': 8})
-  result = eval_experiment.run(config, tiny_workdir, printer=lambda _: None)
+def test_selection_never_looks_at_test():
+  Split = dataset.Split  # pylint: disable=invalid-name
+  evaluator = linear.LinearEvaluator(
+      eval_experiment.pixels_embed, num_classes=10,
+      data=loop.DataSpec('fashion_mnist', 8, None), batch_size=256, epochs=1,
+      max_steps=1, base_lrs=(0.4, 0.1, 0.05), momentum=0.9,
+      train_split=Split.TRAIN, head_init='zeros', log_every_steps=1, seed=0)
+  # Head 1 is best on VALID, head 0 on TEST: head 1's TEST figure is reported.
+  accuracy = {Split.VALID: (np.array([0.5, 0.9, 0.7]), None, 10_000),
+              Split.TEST: (np.array([0.95, 0.6, 0.8]),
+                           np.array([0.99, 0.8, 0.9]), 10_000)}
+  result = evaluator.report(accuracy.__getitem__)
+  assert result['top1_accuracy'] == 0.6 and result['top5_accuracy'] == 0.8
+  assert result['base_learning_rate'] == 0.1
+  assert result['learning_rate'] == pytest.approx(0.1)
   assert result['selected_on'] == 'VALID'
-  assert result['train_split'] == 'TRAIN'
-  assert result['num_valid_examples'] == 10_000
-  valid = result['per_lr_valid_top1']
-  best = max(valid, key=valid.get)
-  assert result['top1_accuracy'] == result['per_lr_top1'][best]
-  assert os.path.exists(os.path.join(tiny_workdir, 'eval_linear_select',
+  # One rate on TRAIN_AND_VALID: no VALID pass at all, that head's TEST.
+  one = linear.LinearEvaluator(
+      eval_experiment.pixels_embed, num_classes=10,
+      data=loop.DataSpec('fashion_mnist', 8, None), batch_size=256, epochs=1,
+      max_steps=1, base_lrs=(0.2,), momentum=0.9,
+      train_split=Split.TRAIN_AND_VALID, head_init='haiku', log_every_steps=1,
+      seed=0)
+  test_only = {Split.TEST: (np.array([0.7]), np.array([0.9]), 10_000)}
+  result = one.report(test_only.__getitem__)
+  assert result['top1_accuracy'] == 0.7 and result['learning_rate'] == 0.2
+  assert 'per_lr_valid_top1' not in result
+
+
+def test_a_grid_without_valid_is_a_config_error(tiny_workdir):
+  config = _eval_config('local', **{'training.train_split': 'TRAIN_AND_VALID'})
+  with pytest.raises(ConfigError, match='chosen on VALID'):
+    eval_experiment.run(config, tiny_workdir)
+  for field, value, match in (('training.train_split', 'TEST', 'TRAIN or'),
+                              ('training.head_init', 'ones', 'head_init')):
+    with pytest.raises(ConfigError, match=match):
+      eval_experiment.run(_eval_config('dm', **{field: value}), tiny_workdir)
+  with pytest.raises(ConfigError, match='one learning rate'):
+    eval_experiment.run(_eval_config('finetune', **{
+        'training.lr_grid': (0.1, 0.2)}), tiny_workdir)
+  assert not os.path.exists(os.path.join(tiny_workdir, 'eval_linear_dm'))
+
+
+def test_haiku_head_init_is_hk_linear_default():
+  dim, classes = 512, 1000
+  head = linear.init_head('haiku', dim, classes, seed=0)
+  w, b = np.asarray(head['w']), np.asarray(head['b'])
+  assert w.shape == (dim, classes) and np.all(b == 0)
+  # Truncated at 2 std of 1/sqrt(dim); the truncation leaves 0.880 of it.
+  assert np.abs(w).max() <= 2 / np.sqrt(dim) + 1e-7
+  assert np.std(w) == pytest.approx(0.8796 / np.sqrt(dim), rel=0.01)
+  assert abs(np.mean(w)) < 1e-3 / np.sqrt(dim) * 10
+  again = linear.init_head('haiku', dim, classes, seed=0)
+  np.testing.assert_array_equal(again['w'], w)
+  zeros = linear.init_head('zeros', dim, classes)
+  assert not np.any(np.asarray(zeros['w']))
+
+
+def test_dm_protocol_one_head_on_train_and_valid(tiny_workdir):
+  config = _eval_config('local,dm', **{
+      'training.batch_size': 64, 'training.max_steps': 2,
+      'data.image_size': 8})
+  assert config.training.head_init == 'haiku'
+  result = eval_experiment.run(config, tiny_workdir, printer=lambda _: None)
+  assert result['train_split'] == 'TRAIN_AND_VALID'
+  assert result['num_train_examples'] == 60_000
+  assert result['selected_on'] == 'none (one rate)'
+  assert result['learning_rate'] == pytest.approx(0.2 * 64 / 256)
+  assert list(result['per_lr_test_top1']) == ['0.05']
+  assert 'num_valid_examples' not in result
+  assert 0.0 < result['top1_accuracy'] <= 1.0
+  assert os.path.exists(os.path.join(tiny_workdir, 'eval_linear_dm',
                                      'summary.json'))
+
+
+def test_finetune_moves_the_encoder_and_lowers_the_loss(tiny_workdir):
+  pretrain_config, params, state, _ = eval_experiment.load_pretrained(
+      tiny_workdir)
+  config = _eval_config('local,finetune', **{
+      'training.batch_size': 64, 'training.max_steps': 10,
+      'training.base_lr': 0.8, 'data.image_size': 8,
+      'training.log_every_steps': 1})
+  records = []
+  evaluator = finetune.FineTuneEvaluator.from_config(
+      config, pretrain_config, printer=lambda _: None,
+      metrics=records.append)
+  result = evaluator.run(params, state)
+  losses = [r['loss'] for r in records]
+  assert len(losses) == 10 and np.all(np.isfinite(losses))
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
+  assert records[0]['learning_rate'] == pytest.approx(0.8 * 64 / 256)
+  assert result['encoder_relative_change'] > 1e-3
+  # Only the encoder trains; the pretraining heads are left as they were.
+  new = result['_params']
+  moved = [m for m in params if not np.array_equal(
+      np.asarray(new[m]['w'] if 'w' in new[m] else new[m]['scale']),
+      np.asarray(params[m]['w'] if 'w' in params[m] else params[m]['scale']))]
+  assert moved and all(m.startswith('res_net') for m in moved), moved
+  assert 'res_net/~/initial_conv' in moved
+  assert result['train_split'] == 'TRAIN_AND_VALID'
+  assert 0.1 < result['top1_accuracy'] <= result['top5_accuracy'] <= 1.0
 
 
 def test_fast_probe_from_the_command_line(tiny_workdir):

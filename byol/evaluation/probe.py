@@ -1,0 +1,215 @@
+"""The fast protocol: a logistic-regression probe and kNN on cached features.
+
+Every image is encoded once, without augmentation (centre crop), and a
+multinomial logistic regression is fitted by L-BFGS to the standardized,
+cached features: deterministic, minutes on a CPU at Fashion-MNIST scale. kNN
+on the same features: cosine similarity, the k nearest training examples vote
+for their class with weight exp(similarity / temperature) (Wu et al. 2018,
+InstDisc). Its numbers are not comparable with the linear protocol's
+(`linear.py`).
+
+The cached features are held in host memory and read from this process's
+shard only: the protocol is meant for single-process runs.
+"""
+
+import time
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from byol import dataset as dataset_lib
+from byol.evaluation import features as features_lib
+from byol.evaluation.features import EmbedFn
+
+
+def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
+                            *, l2: float = 1e-4, iterations: int = 300
+                            ) -> Callable[[np.ndarray], np.ndarray]:
+  """Multinomial logistic regression by L-BFGS on standardized features.
+
+  Minimises mean cross-entropy + l2/2 * ||W||^2 (the bias is not
+  penalised) over `iterations` L-BFGS steps with optax's zoom line search,
+  from zero weights: the fit is deterministic.
+
+  Args:
+    x: [N, D] features.
+    y: [N] integer labels in [0, num_classes).
+    num_classes: number of classes.
+    l2: weight of the L2 penalty (on the standardized features' weights).
+    iterations: L-BFGS iterations.
+
+  Returns:
+    `predict(features) -> logits`, numpy in and out.
+  """
+  # Statistics in float64: the features of an un-normalized network can be
+  # large enough for their squares to overflow float32.
+  x = _finite(x)
+  mean = x.mean(0)
+  # A constant feature (a collapsed encoder has only those) stays 0.
+  std = x.std(0) + 1e-6
+  xs = jnp.asarray(((x - mean) / std).astype(np.float32))
+  labels = jnp.asarray(y, jnp.int32)
+
+  def objective(params):
+    logits = xs @ params['w'] + params['b']
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                                  labels))
+    return ce + 0.5 * l2 * jnp.sum(params['w'] ** 2)
+
+  opt = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(objective)
+
+  @jax.jit
+  def fit(params):
+    def body(carry, _):
+      params, opt_state = carry
+      value, grad = value_and_grad(params, state=opt_state)
+      updates, opt_state = opt.update(grad, opt_state, params, value=value,
+                                      grad=grad, value_fn=objective)
+      return (optax.apply_updates(params, updates), opt_state), None
+    (params, _), _ = jax.lax.scan(body, (params, opt.init(params)), None,
+                                  length=iterations)
+    return params
+
+  params = fit({'w': jnp.zeros((x.shape[1], num_classes), jnp.float32),
+                'b': jnp.zeros((num_classes,), jnp.float32)})
+  w, b = np.asarray(params['w']), np.asarray(params['b'])
+
+  def predict(features):
+    return (((_finite(features) - mean) / std) @ w + b).astype(np.float32)
+
+  return predict
+
+
+def _finite(x) -> np.ndarray:
+  """float64 copy with non-finite entries (a diverged network's) set to 0."""
+  x = np.asarray(x, np.float64)
+  return np.where(np.isfinite(x), x, 0.0)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+  """Fraction of rows whose label is among the k largest scores.
+
+  Ties are broken towards the lower class index (a stable sort).
+  """
+  logits, labels = np.asarray(logits), np.asarray(labels)
+  top = np.argsort(-logits, axis=-1, kind='stable')[:, :k]
+  return float(np.mean(np.any(top == labels[:, None], axis=-1)))
+
+
+def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                num_classes: int, *, k: int = 200, temperature: float = 0.07,
+                chunk: int = 256) -> np.ndarray:
+  """Class scores of the temperature-weighted kNN classifier.
+
+  Features are L2-normalised; each test example's k most cosine-similar
+  training examples add exp(similarity / temperature) to their class.
+
+  Returns:
+    [num_test, num_classes] scores: the summed weights, times the constant
+    exp(-1 / temperature) that keeps them finite (argmax is the prediction).
+  """
+  def unit(v):
+    v = _finite(v)
+    v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-300)
+    return v.astype(np.float32)
+
+  train = jnp.asarray(unit(train_x))
+  train_labels = jnp.asarray(train_y, jnp.int32)
+  k = min(k, train.shape[0])
+
+  @jax.jit
+  def scores(q):
+    sim = q @ train.T
+    top_sim, top_idx = jax.lax.top_k(sim, k)
+    weights = jnp.exp((top_sim - 1.0) / temperature)  # shifted: no overflow
+    votes = jnp.zeros((q.shape[0], num_classes), jnp.float32)
+    rows = jnp.arange(q.shape[0])[:, None]
+    # A scatter-add over [chunk, k], not a [chunk, k, classes] one-hot.
+    return votes.at[rows, train_labels[top_idx]].add(weights)
+
+  test = unit(test_x)
+  out = []
+  for start in range(0, test.shape[0], chunk):
+    q = test[start:start + chunk]
+    pad = chunk - q.shape[0]
+    q = np.pad(q, ((0, pad), (0, 0)))  # one compiled shape for every chunk
+    out.append(np.asarray(scores(jnp.asarray(q)))[:chunk - pad])
+  return np.concatenate(out)
+
+
+def feature_probe(embed: EmbedFn, params, state, *, dataset: str,
+                  image_size: int, data_dir: Optional[str] = None,
+                  l2: float = 1e-4, iterations: int = 300, knn_k: int = 200,
+                  knn_temperature: float = 0.07, batch_size: int = 1000,
+                  max_train_examples: int = -1,
+                  max_test_examples: int = -1) -> Dict[str, float]:
+  """The fast protocol: logistic regression and kNN on cached features.
+
+  Fits on TRAIN_AND_VALID and reports on TEST; `max_train_examples` /
+  `max_test_examples`, when positive, keep only the first examples of each
+  (for quick studies and tests; -1 keeps all).
+  """
+  kw = dict(dataset=dataset, image_size=image_size, data_dir=data_dir,
+            batch_size=batch_size)
+  t0 = time.time()
+  train_x, train_y = features_lib.extract_features(
+      embed, params, state, split=dataset_lib.Split.TRAIN_AND_VALID,
+      max_examples=max_train_examples, **kw)
+  test_x, test_y = features_lib.extract_features(
+      embed, params, state, split=dataset_lib.Split.TEST,
+      max_examples=max_test_examples, **kw)
+  t1 = time.time()
+  num_classes = dataset_lib.num_classes(dataset)
+  predict = fit_logistic_regression(train_x, train_y, num_classes, l2=l2,
+                                    iterations=iterations)
+  logits = predict(test_x)
+  knn = knn_predict(train_x, train_y, test_x, num_classes, k=knn_k,
+                    temperature=knn_temperature)
+  return {
+      'top1_accuracy': topk_accuracy(logits, test_y, 1),
+      'top5_accuracy': topk_accuracy(logits, test_y, 5),
+      'train_top1_accuracy': topk_accuracy(predict(train_x), train_y, 1),
+      'knn_top1_accuracy': topk_accuracy(knn, test_y, 1),
+      'knn_top5_accuracy': topk_accuracy(knn, test_y, 5),
+      'feature_dim': int(train_x.shape[1]),
+      'nonfinite_features': int(np.sum(~np.isfinite(train_x)) +
+                                np.sum(~np.isfinite(test_x))),
+      'num_train_examples': int(train_y.shape[0]),
+      'num_test_examples': int(test_y.shape[0]),
+      'encode_time_sec': t1 - t0,
+      'fit_time_sec': time.time() - t1,
+  }
+
+
+class ProbeEvaluator:
+  """The fast protocol as an evaluator: `ProbeEvaluator(embed, **cfg).run(...)`.
+
+  Fits on TRAIN_AND_VALID and reports TEST (logistic regression and kNN).
+  """
+
+  protocol = ('L-BFGS logistic regression on cached, unaugmented features '
+              '(not DeepMind\'s protocol)')
+
+  def __init__(self, embed: EmbedFn, *, dataset: str, image_size: int,
+               data_dir: Optional[str] = None, l2: float = 1e-4,
+               iterations: int = 300, knn_k: int = 200,
+               knn_temperature: float = 0.07, batch_size: int = 1000,
+               max_train_examples: int = -1, max_test_examples: int = -1,
+               printer: Callable[[str], None] = print):
+    self.embed = embed
+    self.kwargs = dict(
+        dataset=dataset, image_size=image_size, data_dir=data_dir, l2=l2,
+        iterations=iterations, knn_k=knn_k, knn_temperature=knn_temperature,
+        batch_size=batch_size, max_train_examples=max_train_examples,
+        max_test_examples=max_test_examples)
+    self.print = printer
+
+  def run(self, params, state) -> Dict[str, Any]:
+    """Probes the encoder with these parameters and state; returns results."""
+    result = feature_probe(self.embed, params, state, **self.kwargs)
+    result['protocol'] = self.protocol
+    return result
