@@ -14,15 +14,13 @@ import os
 import re
 import sys
 
-# Keep TensorFlow (used only for input pipelines and TensorBoard) quiet and off
-# any accelerator that JAX should have for itself.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+# Importing the package first keeps TensorFlow's start-up quiet (see
+# byol/__init__.py), whatever imports TensorFlow later.
 from byol.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
