@@ -12,6 +12,7 @@ checkpoint) ends with one `error: ...` line on stderr and exit status 2.
 import json
 import os
 import re
+import signal
 import sys
 
 from absl import app
@@ -98,8 +99,9 @@ def _run(config, workdir):
   try:
     summary = exp.train()
   except experiment.Preempted as e:
-    print(f'preempted: {e}', file=sys.stderr)
-    sys.exit(143)
+    word = 'interrupted' if e.signum == signal.SIGINT else 'preempted'
+    print(f'{word}: {e}', file=sys.stderr)
+    sys.exit(e.exit_status)
   except experiment.NonFiniteLossError as e:
     fail(str(e), status=1)
   print(f'[train] done: step {summary["step"]}, loss {summary.get("loss", 0):.4f}, '
@@ -117,6 +119,11 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   try:
     _run(config, workdir)
+  except KeyboardInterrupt:
+    # Ctrl-C before the loop could take it, or a second one during a step.
+    print('interrupted: stopped at once; rerun the same command to resume '
+          'from the last checkpoint', file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
   except UserError as e:
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

@@ -547,7 +547,60 @@ class MetricsWriter:
 
 
 class Preempted(Exception):
-  """Raised after a checkpoint was written in answer to SIGTERM."""
+  """Raised after a checkpoint was written in answer to SIGTERM or SIGINT.
+
+  Attributes:
+    signum: the signal that stopped the run.
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+  @property
+  def exit_status(self) -> int:
+    """The shell's convention for a process ended by `signum`: 128 + signum."""
+    return 128 + self.signum
+
+
+class StopSignals:
+  """Notes SIGTERM and SIGINT (Ctrl-C) so the loop can stop between steps.
+
+  A context manager: inside it, the first of these signals only sets
+  `signum`; the loop finishes the step in flight, checkpoints it and stops.
+  A second Ctrl-C is a user who will not wait: it raises `KeyboardInterrupt`
+  at once, as Python does by default. The previous handlers come back on
+  exit.
+
+  With several processes, the handlers are not installed: JAX's preemption
+  service (started by jax.distributed.initialize) catches SIGTERM on any
+  process and makes all of them agree on the step at which to stop, and a
+  Python handler would displace its own; Ctrl-C then stops at once.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, install: bool = True):
+    self.signum = None
+    self._install = install
+    self._previous = {}
+
+  def __enter__(self):
+    if self._install:
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._note)
+    return self
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def _note(self, signum, frame):  # pylint: disable=unused-argument
+    if self.signum is None:
+      self.signum = signum
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class PretrainExperiment:
@@ -582,7 +635,7 @@ class PretrainExperiment:
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, 'checkpoints'),
         keep=config.training.keep_checkpoints)
-    self._sigterm = False
+    self._signals = StopSignals(install=False)
 
   # -- state ---------------------------------------------------------------
 
@@ -680,33 +733,23 @@ class PretrainExperiment:
     self._write_config()
     writer = MetricsWriter(self.workdir, enabled=self.is_chief,
                            start_step=start)
-    # One process: our handler notes SIGTERM and the loop stops after the
-    # step in flight. Several: JAX's preemption service (started by
-    # jax.distributed.initialize) catches SIGTERM on any process and makes
-    # all of them agree on the step at which to stop (`_stop_requested`); a
-    # Python handler would displace its own.
-    previous = None
-    if jax.process_count() == 1:
-      previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     try:
-      summary = self._loop(state, start, inputs, writer)
+      with StopSignals(install=jax.process_count() == 1) as self._signals:
+        summary = self._loop(state, start, inputs, writer)
     finally:
-      if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
       writer.close()
     return summary
 
-  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
-    self._sigterm = True
-
-  def _stop_requested(self, step: int) -> bool:
-    """True when the run must checkpoint `step` and stop (preemption)."""
+  def _stop_signal(self, step: int) -> Optional[int]:
+    """The signal after which the run must checkpoint `step` and stop."""
     if jax.process_count() == 1:
-      return self._sigterm
+      return self._signals.signum
     try:
-      return multihost_utils.reached_preemption_sync_point(step)
+      if multihost_utils.reached_preemption_sync_point(step):
+        return signal.SIGTERM
     except RuntimeError:  # jax_enable_preemption_service is off
-      return False
+      pass
+    return None
 
   def _loop(self, state: TrainState, start: int, inputs: Iterator,
             writer: MetricsWriter):
@@ -728,7 +771,7 @@ class PretrainExperiment:
       done = step + 1
       is_log = done % c.log_every_steps == 0 or done == total
       is_ckpt = done % c.checkpoint_every_steps == 0 or done == total
-      stop = self._stop_requested(done)
+      stop = self._stop_signal(done)
       if is_log or is_ckpt or stop:
         scalars = devices.unreplicate(logs)
         # Checked before any checkpoint is written, so a checkpoint never
@@ -757,8 +800,9 @@ class PretrainExperiment:
       if is_ckpt or stop:
         self._save(state, done)
       if stop and done < total:
-        raise Preempted(f'SIGTERM: saved the checkpoint of step {done}; rerun '
-                        'the same command to resume')
+        raise Preempted(f'{signal.Signals(stop).name}: saved the checkpoint '
+                        f'of step {done}; rerun the same command to resume',
+                        stop)
     final = devices.unreplicate(state)
     summary = {
         'step': int(final.step),

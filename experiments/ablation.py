@@ -540,7 +540,7 @@ def main(argv: Sequence[str], printer=print) -> int:
     return 2
   except experiment.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr)
-    return 143
+    return e.exit_status
 
 
 def _main(args, argv, printer) -> int:

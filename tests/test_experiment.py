@@ -1,6 +1,8 @@
 """The pretraining update step: pmapped BYOL/SimCLR steps, EMA, accumulation."""
 
 import functools
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -270,3 +272,19 @@ def test_bfloat16_steps_track_float32():
   moved = np.linalg.norm(flat(p32) - flat(start))
   gap = np.linalg.norm(flat(p16) - flat(p32))
   assert gap <= 0.35 * moved, (gap, moved)
+
+
+def test_stop_signals_note_the_first_and_let_a_second_ctrl_c_through():
+  before = signal.getsignal(signal.SIGINT)
+  with experiment.StopSignals() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.signum == signal.SIGTERM
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.signum == signal.SIGTERM  # the first signal is kept
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(1000):  # the handler runs between bytecodes
+        pass
+  assert signal.getsignal(signal.SIGINT) is before
+  assert experiment.Preempted('x', signal.SIGINT).exit_status == 130
+  assert experiment.Preempted('x', signal.SIGTERM).exit_status == 143

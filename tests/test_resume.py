@@ -2,7 +2,7 @@
 
 End to end, with tiny `main.py` runs in subprocesses (`tiny_runs`): a run
 killed at any point and restarted with the same command ends bit-identical to
-an uninterrupted one; SIGTERM checkpoints and exits 143; a non-finite loss or
+an uninterrupted one; SIGTERM checkpoints and exits 143, Ctrl-C 130; a non-finite loss or
 parameter norm stops the run before anything is overwritten; a corrupt or
 mismatched checkpoint is one `error:` line with the workdir left as it was.
 
@@ -78,6 +78,44 @@ def test_killed_then_preempted_run_ends_like_an_uninterrupted_one(
   assert [json.loads(l)['step'] for l in
           (workdir / 'metrics.jsonl').read_text().splitlines()] == [
               1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_checkpoints_the_step_reached_and_exits_130(tmp_path_factory,
+                                                         tmp_path):
+  workdir = tmp_path / 'run'
+  log = tmp_path / 'run.log'
+  proc = tiny_runs.start(tmp_path_factory, TINY, workdir, log)
+  tiny_runs.wait_for(
+      lambda: re.search(r'\[train\] step [1-4]/6', log.read_text()), proc)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
+  text = log.read_text()
+  assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text
+  saved = re.findall(r'interrupted: SIGINT: saved the checkpoint of step '
+                     r'(\d+); rerun the same command', text)
+  assert len(saved) == 1, text[-2000:]
+  # The step in flight was finished and checkpointed, not the one before.
+  logged = [int(s) for s in re.findall(r'\[train\] step (\d+)/6', text)]
+  assert 2 <= int(saved[0]) < 6 and int(saved[0]) >= max(logged)
+  assert _steps(workdir)[-1] == int(saved[0])
+  assert not (workdir / 'summary.json').exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path_factory,
+                                                          tmp_path):
+  workdir = tmp_path / 'run'
+  log = tmp_path / 'run.log'
+  proc = tiny_runs.start(tmp_path_factory, TINY, workdir, log)
+  tiny_runs.wait_for(
+      lambda: re.search(r'\[train\] step [1-4]/6', log.read_text()), proc)
+  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
+  text = log.read_text()
+  assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text
+  # Whichever came first -- the loop's checkpoint or the second signal --
+  # the run says so in one line.
+  assert len(re.findall(r'^interrupted: ', text, re.M)) == 1, text[-2000:]
 
 
 _WRITER = textwrap.dedent('''
