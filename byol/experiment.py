@@ -29,11 +29,12 @@ from byol import bn_init
 from byol import checkpointing
 from byol import dataset as dataset_lib
 from byol import devices
+from byol import files
 from byol import losses
 from byol import networks
 from byol import optimizers
 from byol import schedules
-from byol.errors import ConfigError
+from byol.errors import ConfigError, UserError
 
 AXIS = devices.AXIS
 
@@ -484,41 +485,68 @@ def config_differences(old: dict, new: dict):
           and not k.startswith(RESUMABLE_PREFIXES)]
 
 
-def _drop_records_after(path: str, step: int) -> None:
-  """Rewrites a metrics.jsonl without its records of steps after `step`."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
+METRICS_REMEDY = ('move it aside to start a new log, or use another '
+                  '--workdir')
+
+
+def metrics_to_keep(path: str, step: int) -> Optional[list]:
+  """The lines of a metrics.jsonl to keep when resuming from `step`.
+
+  Records of steps after `step` (left by a run killed after its last
+  checkpoint) go, so that the resumed run's records replace them instead of
+  repeating them; so does a last line cut short by a kill mid-write.
+
+  Returns:
+    The lines to keep, or None when the file is absent or keeps every line
+    (it is then left untouched).
+
+  Raises:
+    UserError: the file cannot be read, or a line other than the last is not
+      a record: a damaged log, which a rewrite would silently shorten.
+  """
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.readlines()
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    raise UserError(f'cannot read {path}: {e.strerror or e}; '
+                    f'{METRICS_REMEDY}') from None
+  except UnicodeDecodeError:
+    raise UserError(f'{path} is not text (damaged?); {METRICS_REMEDY}'
+                    ) from None
   keep = []
-  for line in lines:
+  for number, line in enumerate(lines, 1):
     try:
-      if json.loads(line)['step'] <= step:
-        keep.append(line)
-    except (ValueError, KeyError, TypeError):
-      pass  # e.g. a line cut short by a kill mid-write
-  if len(keep) == len(lines):
-    return
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(keep)
-  os.replace(path + '.tmp', path)
+      record_step = json.loads(line)['step']
+      if not isinstance(record_step, int):
+        raise TypeError(record_step)
+    except (ValueError, KeyError, TypeError, IndexError):
+      if number == len(lines) and not line.endswith('\n'):
+        continue  # cut short by a kill mid-write
+      raise UserError(f'{path} is garbled at line {number}; '
+                      f'{METRICS_REMEDY}') from None
+    if record_step <= step:
+      keep.append(line)
+  return None if len(keep) == len(lines) else keep
 
 
 class MetricsWriter:
   """metrics.jsonl + TensorBoard events; a no-op on processes other than 0.
 
-  `start_step`: the step the run resumes from. Records of later steps, left by
-  a run killed after its last checkpoint, are dropped from metrics.jsonl, so
-  that the resumed run's records replace them instead of repeating them.
+  `keep`: the lines an existing metrics.jsonl is cut down to before new
+  records are appended (see `metrics_to_keep`); None leaves it as it is.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
+  def __init__(self, workdir: str, enabled: bool = True,
+               keep: Optional[list] = None):
     self.enabled = enabled
     self._tb = None
     if not enabled:
       return
     path = os.path.join(workdir, 'metrics.jsonl')
-    _drop_records_after(path, start_step)
+    if keep is not None:
+      files.write_text(path, ''.join(keep))
     self._jsonl = open(path, 'a')
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -700,9 +728,17 @@ class PretrainExperiment:
   def _check_workdir(self):
     path = os.path.join(self.workdir, 'config.json')
     new = json.loads(self.config.to_json_best_effort())
-    if os.path.exists(path) and self.checkpointer.latest_step() is not None:
-      with open(path) as f:
-        old = json.load(f)
+    try:
+      old = files.read_json(
+          path, 'restore it, delete it to resume with the config of this '
+          'command, or use another --workdir')
+    except FileNotFoundError:
+      return
+    if not isinstance(old, dict):
+      raise ConfigError(f'{path} does not hold a config; delete it to resume '
+                        'with the config of this command, or use another '
+                        '--workdir')
+    if self.checkpointer.latest_step() is not None:
       diff = config_differences(old, new)
       if diff:
         raise ConfigError(
@@ -711,10 +747,9 @@ class PretrainExperiment:
 
   def _write_config(self):
     if self.is_chief:
-      with open(os.path.join(self.workdir, 'config.json.tmp'), 'w') as f:
-        f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
-      os.replace(os.path.join(self.workdir, 'config.json.tmp'),
-                 os.path.join(self.workdir, 'config.json'))
+      files.write_text(os.path.join(self.workdir, 'config.json'),
+                       self.config.to_json_best_effort(indent=2,
+                                                       sort_keys=True))
 
   def _save(self, state: TrainState, step: int):
     self.checkpointer.save(step, devices.unreplicate(state),
@@ -730,9 +765,14 @@ class PretrainExperiment:
       # or unreadable dataset leaves the workdir as it was.
       inputs = self._input(start)
       inputs = itertools.chain([next(inputs)], inputs)
+    keep = None
+    if self.is_chief:
+      keep = metrics_to_keep(os.path.join(self.workdir, 'metrics.jsonl'),
+                             start)
+    # Nothing is written before this point: bad input leaves the workdir as
+    # it was.
     self._write_config()
-    writer = MetricsWriter(self.workdir, enabled=self.is_chief,
-                           start_step=start)
+    writer = MetricsWriter(self.workdir, enabled=self.is_chief, keep=keep)
     try:
       with StopSignals(install=jax.process_count() == 1) as self._signals:
         summary = self._loop(state, start, inputs, writer)
@@ -816,10 +856,7 @@ class PretrainExperiment:
       summary.update(
           {k: float(v) for k, v in devices.unreplicate(logs).items()})
     if self.is_chief:
-      with open(os.path.join(self.workdir, 'summary.json.tmp'), 'w') as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-      os.replace(os.path.join(self.workdir, 'summary.json.tmp'),
-                 os.path.join(self.workdir, 'summary.json'))
+      files.write_json(os.path.join(self.workdir, 'summary.json'), summary)
     self.state = state
     return summary
 

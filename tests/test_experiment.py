@@ -288,3 +288,17 @@ def test_stop_signals_note_the_first_and_let_a_second_ctrl_c_through():
   assert signal.getsignal(signal.SIGINT) is before
   assert experiment.Preempted('x', signal.SIGINT).exit_status == 130
   assert experiment.Preempted('x', signal.SIGTERM).exit_status == 143
+
+
+def test_metrics_to_keep_drops_later_records_and_a_line_cut_short(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  assert experiment.metrics_to_keep(str(path), 3) is None  # no file
+  records = [f'{{"step": {s}, "loss": {s / 10}}}\n' for s in (1, 2, 3, 4)]
+  path.write_text(''.join(records))
+  assert experiment.metrics_to_keep(str(path), 4) is None  # nothing to drop
+  assert experiment.metrics_to_keep(str(path), 2) == records[:2]
+  path.write_text(''.join(records) + '{"step": 5, "lo')  # killed mid-write
+  assert experiment.metrics_to_keep(str(path), 4) == records
+  path.write_text(''.join(records[:2]) + '{"step": 3, "lo\n' + records[3])
+  with pytest.raises(experiment.UserError, match='garbled at line 3'):
+    experiment.metrics_to_keep(str(path), 4)

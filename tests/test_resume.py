@@ -236,6 +236,42 @@ def _nan_parameter(workdir):
                    ".online_params['classifier']['w']", poison)
 
 
+def _broken_config_json(workdir):
+  (workdir / 'config.json').write_text('{broken')
+
+
+def _broken_checkpoint_index(workdir):
+  # The index member of the newest checkpoint is cut short; the arrays are
+  # intact.
+  path = workdir / 'checkpoints' / 'ckpt_6.npz'
+  with zipfile.ZipFile(path) as zf:
+    members = {name: zf.read(name) for name in zf.namelist()}
+  members['checkpoint.json'] = members['checkpoint.json'][:40]
+  with zipfile.ZipFile(path, 'w') as zf:
+    for name, data in members.items():
+      zf.writestr(name, data)
+
+
+def _resume_from_step_4(workdir):
+  # A resumed run reads metrics.jsonl to drop the records after step 4.
+  os.remove(workdir / 'checkpoints' / 'ckpt_6.npz')
+  os.remove(workdir / 'summary.json')
+
+
+def _garbled_metrics(workdir):
+  _resume_from_step_4(workdir)
+  path = workdir / 'metrics.jsonl'
+  lines = path.read_text().splitlines(keepends=True)
+  lines[2] = '{"step": 3, "loss": 4.1\x00\x00 garbage\n'
+  path.write_text(''.join(lines))
+
+
+def _binary_metrics(workdir):
+  _resume_from_step_4(workdir)
+  path = workdir / 'metrics.jsonl'
+  path.write_bytes(path.read_bytes()[:100] + b'\xff\xfe\x00\x81' * 8)
+
+
 WIDER = '--config.model.encoder.width_multiplier=0.25'
 EVAL = ['--config=configs/eval.py:local,fast']
 # name: (how a copy of the reference workdir is damaged, command, expected
@@ -250,6 +286,15 @@ BAD_WORKDIRS = {
         _other_architecture, TINY + [WIDER],
         ['ckpt_6.npz', 'does not match the model']),
     'eval_without_checkpoint': (_no_checkpoints, EVAL, ['no checkpoint']),
+    'broken_config_json': (_broken_config_json, TINY,
+                           ['config.json is not valid JSON', 'delete it']),
+    'broken_checkpoint_index': (
+        _broken_checkpoint_index, TINY,
+        ['ckpt_6.npz is corrupt', 'checkpoint.json', 'earlier checkpoint']),
+    'garbled_metrics': (_garbled_metrics, TINY,
+                        ['metrics.jsonl is garbled at line 3', 'move it aside']),
+    'binary_metrics': (_binary_metrics, TINY,
+                       ['metrics.jsonl is not text', 'move it aside']),
 }
 DIVERGING = {
     'exploding_momentum': (_explode_momentum, TINY,
