@@ -95,14 +95,15 @@ def _run(config, workdir):
     print(json.dumps(summary, indent=2, sort_keys=True))
     return
   from byol import experiment  # pylint: disable=g-import-not-at-top
+  from byol import train_loop  # pylint: disable=g-import-not-at-top
   exp = experiment.PretrainExperiment(config, workdir)
   try:
-    summary = exp.train()
-  except experiment.Preempted as e:
+    summary = train_loop.train(exp)
+  except train_loop.Preempted as e:
     word = 'interrupted' if e.signum == signal.SIGINT else 'preempted'
     print(f'{word}: {e}', file=sys.stderr)
     sys.exit(e.exit_status)
-  except experiment.NonFiniteLossError as e:
+  except train_loop.NonFiniteLossError as e:
     fail(str(e), status=1)
   print(f'[train] done: step {summary["step"]}, loss {summary.get("loss", 0):.4f}, '
         f'params sha256 {summary["online_params_sha256"][:16]}')

@@ -1,8 +1,6 @@
 """The pretraining update step: pmapped BYOL/SimCLR steps, EMA, accumulation."""
 
 import functools
-import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -273,32 +271,3 @@ def test_bfloat16_steps_track_float32():
   gap = np.linalg.norm(flat(p16) - flat(p32))
   assert gap <= 0.35 * moved, (gap, moved)
 
-
-def test_stop_signals_note_the_first_and_let_a_second_ctrl_c_through():
-  before = signal.getsignal(signal.SIGINT)
-  with experiment.StopSignals() as stop:
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert stop.signum == signal.SIGTERM
-    os.kill(os.getpid(), signal.SIGINT)
-    assert stop.signum == signal.SIGTERM  # the first signal is kept
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-      for _ in range(1000):  # the handler runs between bytecodes
-        pass
-  assert signal.getsignal(signal.SIGINT) is before
-  assert experiment.Preempted('x', signal.SIGINT).exit_status == 130
-  assert experiment.Preempted('x', signal.SIGTERM).exit_status == 143
-
-
-def test_metrics_to_keep_drops_later_records_and_a_line_cut_short(tmp_path):
-  path = tmp_path / 'metrics.jsonl'
-  assert experiment.metrics_to_keep(str(path), 3) is None  # no file
-  records = [f'{{"step": {s}, "loss": {s / 10}}}\n' for s in (1, 2, 3, 4)]
-  path.write_text(''.join(records))
-  assert experiment.metrics_to_keep(str(path), 4) is None  # nothing to drop
-  assert experiment.metrics_to_keep(str(path), 2) == records[:2]
-  path.write_text(''.join(records) + '{"step": 5, "lo')  # killed mid-write
-  assert experiment.metrics_to_keep(str(path), 4) == records
-  path.write_text(''.join(records[:2]) + '{"step": 3, "lo\n' + records[3])
-  with pytest.raises(experiment.UserError, match='garbled at line 3'):
-    experiment.metrics_to_keep(str(path), 4)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from byol import layers
 from byol import networks
 
 KINDS = ('bn', 'gn', 'ln', 'affine', 'none')
@@ -120,7 +121,7 @@ class NormTest(parameterized.TestCase):
   def test_group_norm_matches_haiku_forward_and_grads(self):
     x = 2. * _normal(0, (3, 5, 6, 32)) + 1.
     fast, ref, params = self._apply_pair(
-        lambda: networks.GroupNorm(16, name='gn'),
+        lambda: layers.GroupNorm(16, name='gn'),
         lambda: hk.GroupNorm(16, eps=1e-5, name='gn'), x)
     np.testing.assert_allclose(fast(params, x),
                                ref(params, x), rtol=1e-5, atol=1e-5)
@@ -137,7 +138,7 @@ class NormTest(parameterized.TestCase):
     x = 2. * _normal(0, (2, 4, 4, 16)) + 1.
     x16 = x.astype(jnp.bfloat16)
     fast, ref, params = self._apply_pair(
-        lambda: networks.GroupNorm(4, name='gn'),
+        lambda: layers.GroupNorm(4, name='gn'),
         lambda: hk.GroupNorm(4, eps=1e-5, name='gn'), x)
     out = fast(params, x16)
     self.assertEqual(out.dtype, jnp.bfloat16)
@@ -155,7 +156,7 @@ class NormTest(parameterized.TestCase):
   def test_group_norm_on_features_matches_haiku(self):
     x = _normal(3, (5, 24))
     fast, ref, params = self._apply_pair(
-        lambda: networks.GroupNorm(6, name='gn'),
+        lambda: layers.GroupNorm(6, name='gn'),
         lambda: hk.GroupNorm(6, eps=1e-5, name='gn'), x)
     np.testing.assert_allclose(fast(params, x),
                                ref(params, x), rtol=1e-5, atol=1e-5)
@@ -163,20 +164,20 @@ class NormTest(parameterized.TestCase):
   def test_one_group_is_layer_norm(self):
     x = 3. * _normal(0, (2, 5, 5, 12)) - 1.
     fast, ref, params = self._apply_pair(
-        lambda: networks.GroupNorm(1, name='n'),
+        lambda: layers.GroupNorm(1, name='n'),
         lambda: hk.LayerNorm(axis=(1, 2, 3), create_scale=True,
                              create_offset=True, eps=1e-5, name='n'), x)
     np.testing.assert_allclose(fast(params, x),
                                ref(params, x), rtol=1e-5, atol=1e-5)
     ln = hk.without_apply_rng(hk.transform(
-        lambda x: networks.make_norm('ln')('n')(x, True)))
+        lambda x: layers.make_norm('ln')('n')(x, True)))
     np.testing.assert_allclose(ln.apply(params, x), ref(params, x),
                                rtol=1e-5, atol=1e-5)
 
   def test_channel_groups_is_instance_norm(self):
     x = _normal(0, (2, 4, 3, 6)) * 2. + 0.5
     t = hk.without_apply_rng(hk.transform(
-        lambda x: networks.GroupNorm(6)(x)))
+        lambda x: layers.GroupNorm(6)(x)))
     out = t.apply(_init(t, x), x)
     xn = np.asarray(x, np.float64)
     mean = xn.mean(axis=(1, 2), keepdims=True)
@@ -187,7 +188,7 @@ class NormTest(parameterized.TestCase):
   def test_affine_and_none(self):
     x = _normal(0, (2, 3, 3, 4))
     t = hk.without_apply_rng(hk.transform(
-        lambda x: networks.make_norm('affine')('affine')(x, True)))
+        lambda x: layers.make_norm('affine')('affine')(x, True)))
     params = _init(t, x)
     self.assertEqual(jax.tree.map(jnp.shape, params),
                      {'affine': {'scale': (4,), 'offset': (4,)}})
@@ -197,7 +198,7 @@ class NormTest(parameterized.TestCase):
         t.apply(params, x),
         x * params['affine']['scale'] + params['affine']['offset'], rtol=1e-6)
     t = hk.without_apply_rng(hk.transform(
-        lambda x: networks.make_norm('none')('identity')(x, True)))
+        lambda x: layers.make_norm('none')('identity')(x, True)))
     self.assertEqual(_init(t, x), {})
     np.testing.assert_array_equal(t.apply({}, x), x)
 
@@ -205,10 +206,10 @@ class NormTest(parameterized.TestCase):
     with self.assertRaisesRegex(
         ValueError, "unknown norm 'batch'; choose from bn, gn, ln, affine, "
         'none'):
-      networks.make_norm('batch')
+      layers.make_norm('batch')
 
   def test_group_norm_groups_must_divide_channels(self):
-    t = hk.transform(lambda x: networks.GroupNorm(5, name='my_gn')(x))
+    t = hk.transform(lambda x: layers.GroupNorm(5, name='my_gn')(x))
     with self.assertRaisesRegex(
         ValueError, r'my_gn: num_groups=5 does not divide the 12 channels'):
       t.init(None, jnp.zeros((1, 2, 2, 12)))
@@ -217,8 +218,8 @@ class NormTest(parameterized.TestCase):
 class WeightStandardizationTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ('conv', lambda: networks.WSConv2D(6, 3), (3, 3, 5, 6), (0, 1, 2)),
-      ('linear', lambda: networks.WSLinear(6), (20, 6), (0,)),
+      ('conv', lambda: layers.WSConv2D(6, 3), (3, 3, 5, 6), (0, 1, 2)),
+      ('linear', lambda: layers.WSLinear(6), (20, 6), (0,)),
   )
   def test_standardized_weight_statistics(self, make, shape, axis):
     # Raw weights with a different mean and scale for each output unit.
@@ -234,7 +235,7 @@ class WeightStandardizationTest(parameterized.TestCase):
 
   def test_standardization_of_constant_weight_is_finite(self):
     t = hk.without_apply_rng(hk.transform(
-        lambda: networks.WSLinear(3).effective_weight(jnp.ones((4, 3)))))
+        lambda: layers.WSLinear(3).effective_weight(jnp.ones((4, 3)))))
     np.testing.assert_array_equal(t.apply({}), np.zeros((4, 3)))
 
   def _net(self, ws, ws_eps=1e-4):
@@ -281,7 +282,7 @@ class WeightStandardizationTest(parameterized.TestCase):
     def forward(x):
       block = networks.ResidualBlock(
           4, stride=2, bottleneck=True, use_projection=True,
-          conv=networks.make_conv(True), norm=networks.make_norm('gn',
+          conv=layers.make_conv(True), norm=layers.make_norm('gn',
                                                                  num_groups=2))
       emb = jnp.mean(block(x, True), axis=(1, 2))
       return networks.MLP(8, 4, norm='gn', weight_standardization=True,
@@ -485,8 +486,8 @@ class ZeroInitTest(parameterized.TestCase):
   @parameterized.parameters('bn', 'gn', 'affine')
   def test_block_starts_as_relu_of_shortcut(self, kind):
     def forward(x):
-      norm = networks.make_norm(kind, num_groups=4)
-      conv = networks.make_conv(True)
+      norm = layers.make_norm(kind, num_groups=4)
+      conv = layers.make_conv(True)
       projection = networks.ResidualBlock(
           8, stride=2, bottleneck=True, use_projection=True, conv=conv,
           norm=norm, zero_init_last_scale=True)
@@ -590,7 +591,7 @@ class MLPTest(absltest.TestCase):
         'projector/linear_1': {'w': (16, 4)},
     })
     self.assertIn('projector/batchnorm/~/mean_ema', state)
-    hidden = _transform(lambda x: networks.BatchNorm(
+    hidden = _transform(lambda x: layers.BatchNorm(
         True, True, 0.9, name='bn')(x, True))
     # The hidden layer is normalised over the batch: after BN each unit has
     # batch mean 0 and variance ~1.
