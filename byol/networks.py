@@ -345,6 +345,11 @@ class MLP(hk.Module):
                name: Optional[str] = None):
     """Builds the head; arguments as `ResNet`'s, plus the two layer sizes."""
     super().__init__(name=name)
+    for field, size in (('hidden_size', hidden_size),
+                        ('output_size', output_size)):
+      if size <= 0:
+        raise ValueError(f'{self.module_name}: {field} must be positive, got '
+                         f'{size}')
     self.hidden_size = hidden_size
     self.output_size = output_size
     self.dtype = layers.as_dtype(dtype)
