@@ -1,8 +1,18 @@
-"""BYOL and SimCLR pretraining: the pure update step and the experiment around it.
+"""BYOL and SimCLR pretraining: the network, the pure update step, the experiment.
 
-The update step (`make_update_fn`) is a pure function of (state, inputs, rng),
-run under `jax.pmap(axis_name='i')`. `PretrainExperiment` only wires data,
-state, checkpoints and logging around it.
+In reading order: config checks; the network (`make_forward`: encoder,
+projector, predictor and online classifier, each built from its config
+sub-dict); the update step (`make_update_fn`), a pure function of
+(state, inputs, rng) run under `jax.pmap(axis_name='i')` and written as
+named parts -- `loss_fn`, `views_forward`, `example_keys`, `micro_step`,
+`accumulate_gradients`, `ema`; the initial state; and `PretrainExperiment`,
+which holds the replicated state and initialises, restores, advances and
+saves it. The loop that drives it, and everything it writes besides
+checkpoints, is `byol/train_loop.py`.
+
+Past 500 lines on purpose: these parts are one computation, read top to
+bottom; splitting the update step from the network it differentiates or from
+the state it advances would send a reader across files for one idea.
 """
 
 import functools

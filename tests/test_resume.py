@@ -2,9 +2,10 @@
 
 End to end, with tiny `main.py` runs in subprocesses (`tiny_runs`): a run
 killed at any point and restarted with the same command ends bit-identical to
-an uninterrupted one; SIGTERM checkpoints and exits 143, Ctrl-C 130; a non-finite loss or
-parameter norm stops the run before anything is overwritten; a corrupt or
-mismatched checkpoint is one `error:` line with the workdir left as it was.
+an uninterrupted one; SIGTERM checkpoints and exits 143, Ctrl-C 130; a
+non-finite loss or parameter norm stops the run before anything is
+overwritten; a corrupt or mismatched checkpoint, a damaged config.json or
+metrics.jsonl is one `error:` line with the workdir left as it was.
 
 The first test's runs must follow one another, and so use one CPU core: the
 reference run (started in the background) and then the runs in damaged copies
@@ -80,17 +81,25 @@ def test_killed_then_preempted_run_ends_like_an_uninterrupted_one(
               1, 2, 3, 4, 5, 6]
 
 
-def test_ctrl_c_checkpoints_the_step_reached_and_exits_130(tmp_path_factory,
-                                                         tmp_path):
+def _ctrl_c(tmp_path_factory, tmp_path, times):
+  """A TINY run sent SIGINT `times` times once it has logged a step; returns
+  its workdir and its output, after asserting exit status 130."""
   workdir = tmp_path / 'run'
   log = tmp_path / 'run.log'
   proc = tiny_runs.start(tmp_path_factory, TINY, workdir, log)
   tiny_runs.wait_for(
       lambda: re.search(r'\[train\] step [1-4]/6', log.read_text()), proc)
-  proc.send_signal(signal.SIGINT)
+  for _ in range(times):
+    proc.send_signal(signal.SIGINT)
   assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
   text = log.read_text()
   assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text
+  return workdir, text
+
+
+def test_ctrl_c_checkpoints_the_step_reached_and_exits_130(tmp_path_factory,
+                                                         tmp_path):
+  workdir, text = _ctrl_c(tmp_path_factory, tmp_path, times=1)
   saved = re.findall(r'interrupted: SIGINT: saved the checkpoint of step '
                      r'(\d+); rerun the same command', text)
   assert len(saved) == 1, text[-2000:]
@@ -103,16 +112,7 @@ def test_ctrl_c_checkpoints_the_step_reached_and_exits_130(tmp_path_factory,
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path_factory,
                                                           tmp_path):
-  workdir = tmp_path / 'run'
-  log = tmp_path / 'run.log'
-  proc = tiny_runs.start(tmp_path_factory, TINY, workdir, log)
-  tiny_runs.wait_for(
-      lambda: re.search(r'\[train\] step [1-4]/6', log.read_text()), proc)
-  proc.send_signal(signal.SIGINT)
-  proc.send_signal(signal.SIGINT)
-  assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
-  text = log.read_text()
-  assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text
+  _, text = _ctrl_c(tmp_path_factory, tmp_path, times=2)
   # Whichever came first -- the loop's checkpoint or the second signal --
   # the run says so in one line.
   assert len(re.findall(r'^interrupted: ', text, re.M)) == 1, text[-2000:]
@@ -292,7 +292,8 @@ BAD_WORKDIRS = {
         _broken_checkpoint_index, TINY,
         ['ckpt_6.npz is corrupt', 'checkpoint.json', 'earlier checkpoint']),
     'garbled_metrics': (_garbled_metrics, TINY,
-                        ['metrics.jsonl is garbled at line 3', 'move it aside']),
+                        ['metrics.jsonl is garbled at line 3',
+                         'move it aside']),
     'binary_metrics': (_binary_metrics, TINY,
                        ['metrics.jsonl is not text', 'move it aside']),
 }
