@@ -64,6 +64,13 @@ BAD_INPUTS = [
     ('stray_argument', [f'--config={LOCAL}', 'extra'], ['extra']),
     ('bad_dtype', [f'--config={LOCAL}', '--config.model.dtype=float8'],
      ['float8']),
+    # Checked by the networks' constructors, named by the config path.
+    ('zero_hidden_size', [f'--config={LOCAL}',
+                          '--config.model.projector.hidden_size=0'],
+     ['model.projector', 'hidden_size must be positive']),
+    ('zero_width', [f'--config={LOCAL}',
+                    '--config.model.encoder.width_multiplier=0'],
+     ['model.encoder', 'width_multiplier must be positive']),
 ]
 
 
