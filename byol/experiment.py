@@ -133,7 +133,12 @@ def build_component(config: ml_collections.ConfigDict, part: str,
                        gn_eps=m.gn_eps, ws_eps=m.ws_eps, dtype=m.dtype,
                        cross_replica_axis=axis_name, **kwargs)
   except ValueError as e:
-    raise ValueError(f'model.{part}: {e}') from None
+    # A head's module is named after its part: 'projector: ...' reads
+    # 'model.projector: ...', not 'model.projector: projector: ...'.
+    message = str(e)
+    if message.startswith(f'{part}: '):
+      message = message[len(part) + 2:]
+    raise ValueError(f'model.{part}: {message}') from None
 
 
 def make_encoder(config: ml_collections.ConfigDict,
