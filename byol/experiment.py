@@ -37,6 +37,9 @@ from byol import networks
 from byol import optimizers
 from byol import schedules
 from byol.errors import ConfigError
+# Re-exported for byol/eval_experiment.py, which formats its progress lines
+# with it; it lives with the loop's progress line.
+from byol.train_loop import format_duration  # pylint: disable=unused-import
 
 AXIS = devices.AXIS
 
