@@ -13,17 +13,16 @@ checkpoint) ends with one `error: ...` line on stderr and exit status 2.
 import json
 import os
 import re
+import signal
 import sys
 
-# Keep TensorFlow (used only for input pipelines and TensorBoard) quiet and off
-# any accelerator that JAX should have for itself.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+# Importing the package first keeps TensorFlow's start-up quiet (see
+# byol/__init__.py), whatever imports TensorFlow later.
 from byol.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -105,13 +104,15 @@ def _run(config, workdir):
     print(json.dumps(summary, indent=2, sort_keys=True))
     return
   from byol import experiment  # pylint: disable=g-import-not-at-top
+  from byol import train_loop  # pylint: disable=g-import-not-at-top
   exp = experiment.PretrainExperiment(config, workdir)
   try:
-    summary = exp.train()
-  except experiment.Preempted as e:
-    print(f'preempted: {e}', file=sys.stderr)
-    sys.exit(143)
-  except experiment.NonFiniteLossError as e:
+    summary = train_loop.train(exp)
+  except train_loop.Preempted as e:
+    word = 'interrupted' if e.signum == signal.SIGINT else 'preempted'
+    print(f'{word}: {e}', file=sys.stderr)
+    sys.exit(e.exit_status)
+  except train_loop.NonFiniteLossError as e:
     fail(str(e), status=1)
   print(f'[train] done: step {summary["step"]}, loss {summary.get("loss", 0):.4f}, '
         f'params sha256 {summary["online_params_sha256"][:16]}')
@@ -128,6 +129,11 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   try:
     _run(config, workdir)
+  except KeyboardInterrupt:
+    # Ctrl-C before the loop could take it, or a second one during a step.
+    print('interrupted: stopped at once; rerun the same command to resume '
+          'from the last checkpoint', file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
   except UserError as e:
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

@@ -78,12 +78,12 @@ case "$verb" in
   ablation)
     setup
     say "ablation table (quick subset; --full for every row)"
-    exec "$VENV/bin/python" experiments/ablation.py "$@"
+    exec "$VENV/bin/python" -m experiments.ablation "$@"
     ;;
   bench)
     setup
     say "throughput benchmarks"
-    exec "$VENV/bin/python" experiments/benchmark.py "$@"
+    exec "$VENV/bin/python" -m experiments.benchmark "$@"
     ;;
   *)
     echo "error: unknown verb '$verb' (use: ./run.sh [test|ablation|bench])" >&2

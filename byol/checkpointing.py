@@ -45,6 +45,8 @@ _FORMAT = 'byol-gnws-checkpoint/1'
 _INDEX = 'checkpoint.json'
 _NAME = re.compile(r'^ckpt_(\d+)\.npz$')
 _TMP = re.compile(r'^ckpt_\d+\.npz\.tmp-\d+$')
+# What a user can do about a damaged checkpoint file.
+_REMEDY = 'delete it to fall back on an earlier checkpoint (or a fresh start)'
 
 
 class CheckpointError(UserError, ValueError):
@@ -247,9 +249,15 @@ class Checkpointer:
                             f'{self._directory} (have: {self.steps()})')
     try:
       with zipfile.ZipFile(path, 'r') as zf:
-        index = json.loads(zf.read(_INDEX))
-        if index.get('format') != _FORMAT:
-          raise CheckpointError(f'{path} is not a checkpoint of this format')
+        try:
+          index = json.loads(zf.read(_INDEX))
+        except ValueError as e:  # not JSON, or not UTF-8
+          raise CheckpointError(
+              f'{path} is corrupt: its index {_INDEX} is unreadable '
+              f'({str(e).splitlines()[0]}); {_REMEDY}') from None
+        if not isinstance(index, dict) or index.get('format') != _FORMAT:
+          raise CheckpointError(f'{path} is not a checkpoint of this format; '
+                                f'{_REMEDY}')
         if target is not None:
           _check_structure(index['leaves'], target, path)
         arrays = []
@@ -257,15 +265,17 @@ class Checkpointer:
           data = zf.read(entry['member'])
           if hashlib.sha256(data).hexdigest() != entry['sha256']:
             raise CheckpointError(f'{path} is corrupt: checksum mismatch for '
-                                  f'{entry["path"]}')
+                                  f'{entry["path"]}; {_REMEDY}')
           array = np.lib.format.read_array(io.BytesIO(data),
                                            allow_pickle=False)
           arrays.append(_from_storable(array, entry))
     except CheckpointError:
       raise
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, EOFError, KeyError, TypeError, ValueError,
+            zipfile.BadZipFile) as e:
       message = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise CheckpointError(f'{path} is corrupt or truncated: {message}') from e
+      raise CheckpointError(f'{path} is corrupt or truncated: {message}; '
+                            f'{_REMEDY}') from e
     if target is None:
       state = {e['path']: a for e, a in zip(index['leaves'], arrays)}
     else:

@@ -65,8 +65,3 @@ def initialize(config: ml_collections.ConfigDict) -> None:
       raise ConfigError('distributed.auto=True found no cluster to join: '
                         f'{str(e).splitlines()[0]}') from None
   _initialized = True
-
-
-def is_multiprocess() -> bool:
-  """True when this run spans several processes."""
-  return jax.process_count() > 1

@@ -46,7 +46,6 @@ EPOCH_PRESETS = {
     1000: (0.2, 1.5e-6, 0.996),
 }
 
-NORMS = ('bn', 'gn', 'ln', 'affine', 'none')
 VARIANTS = ('gnws', 'bn', 'bn_init', 'simclr', 'local')
 
 

@@ -36,39 +36,37 @@ Commands:
 
   ./run.sh ablation                       # the quick subset (6 rows)
   ./run.sh ablation --full                # all 14 rows
-  python experiments/ablation.py --rows=byol_bn_all,byol_bn_none --epochs=0.5
-  python experiments/ablation.py --smoke --workdir_root=/tmp/abl   # plumbing
+  python -m experiments.ablation --rows=byol_bn_all,byol_bn_none --epochs=0.5
+  python -m experiments.ablation --smoke --workdir_root=/tmp/abl   # plumbing
 
 `--smoke` runs a tiny network (width 0.125, 16 px) for 3 steps per row and
 probes on 1,000 train / 1,000 test images: it checks the plumbing, its
 numbers mean nothing.
 """
 
-import argparse
 import dataclasses
 import datetime
 import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
+
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+from byol import dataset as dataset_lib
+from byol import devices
+from byol import eval_experiment
+from byol import experiment
+from byol import files
+from byol import train_loop
+from byol.errors import UserError
+from configs import byol as byol_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from byol import augmentations  # pylint: disable=g-import-not-at-top,wrong-import-position
-from byol import dataset as dataset_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from byol import devices  # pylint: disable=g-import-not-at-top,wrong-import-position
-from byol import eval_experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from byol import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from byol.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import byol as byol_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 ROW_SUMMARY = 'row_summary.json'
 DEFAULT_EPOCHS = 1.25
 # A row has collapsed when its final proj_std is below this fraction of its
@@ -188,12 +186,6 @@ def row_config(row: Row, *, dataset: str, epochs: float,
   return config
 
 
-def _write_json(path: str, obj) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
-
-
 def read_metrics(workdir: str) -> List[dict]:
   """metrics.jsonl, one record per step (a resumed run's repeats dropped)."""
   path = os.path.join(workdir, 'metrics.jsonl')
@@ -219,24 +211,17 @@ def initial_proj_std(config: ml_collections.ConfigDict, state) -> float:
   c = config
   forward = experiment.make_forward(
       c, dataset_lib.num_classes(c.data.dataset), axis_name=None)
-  batch = next(dataset_lib.load(
-      dataset_lib.Split.TRAIN_AND_VALID,
-      preprocess_mode=dataset_lib.PreprocessMode.PRETRAIN,
-      batch_dims=[c.training.batch_size], dataset=c.data.dataset,
-      image_size=c.data.image_size, data_dir=c.data.data_dir or None,
-      seed=c.seed, deterministic=True))
+  aug_rng, fwd_rng = jax.random.split(jax.random.PRNGKey(c.seed))
+  images = experiment.augmented_batch(c, c.training.batch_size,
+                                      data_seed=c.seed, rng=aug_rng)
 
   @jax.jit
-  def proj_std(params, net_state, batch, rng):
-    aug_rng, fwd_rng = jax.random.split(rng)
-    views = augmentations.postprocess(batch, aug_rng, c.data.augmentations)
-    images = dataset_lib.normalize(views['view1'], dataset=c.data.dataset)
-    out, _ = forward.apply(params, net_state, fwd_rng, images, True)
-    # pylint: disable=protected-access
-    return experiment._global_proj_std(out['projection'], None)
+  def proj_std(params, net_state, images, rng):
+    out, _ = forward.apply(params, net_state, rng, images, True)
+    return experiment.projection_std(out['projection'], None)
 
-  return float(proj_std(state.online_params, state.online_state, batch,
-                        jax.random.PRNGKey(c.seed)))
+  return float(proj_std(state.online_params, state.online_state, images,
+                        fwd_rng))
 
 
 def raw_pixel_baseline(root: str, *, dataset: str, image_size: int,
@@ -258,7 +243,7 @@ def raw_pixel_baseline(root: str, *, dataset: str, image_size: int,
       eval_experiment.pixels_embed, None, None, dataset=dataset,
       image_size=image_size, max_train_examples=max_train_examples,
       max_test_examples=max_test_examples)
-  _write_json(path, {'key': key, 'result': result})
+  files.write_json(path, {'key': key, 'result': result})
   return result
 
 
@@ -277,8 +262,8 @@ def run_row(row: Row, config: ml_collections.ConfigDict, workdir: str, *,
   status, diverged_at = 'finished', None
   trained = None
   try:
-    exp.train()
-  except experiment.NonFiniteLossError as e:
+    train_loop.train(exp)
+  except train_loop.NonFiniteLossError as e:
     # A row without normalization may diverge: that is a result, not a bug.
     # Its last good checkpoint (or its initialisation) is probed instead.
     printer(f'[ablation] {row.name}: {e}')
@@ -329,7 +314,7 @@ def run_row(row: Row, config: ml_collections.ConfigDict, workdir: str, *,
       'paper': row.paper,
       'config': _config_dict(config),
   }
-  _write_json(os.path.join(workdir, ROW_SUMMARY), result)
+  files.write_json(os.path.join(workdir, ROW_SUMMARY), result)
   return result
 
 
@@ -361,7 +346,7 @@ def _length(config: dict) -> str:
 
 
 def _duration(seconds: float) -> str:
-  return experiment.format_duration(seconds)
+  return train_loop.format_duration(seconds)
 
 
 def write_table(path: str, results: Dict[str, dict], baseline: dict, *,
@@ -485,82 +470,82 @@ def write_plot(path: str, results: Dict[str, dict], baseline: dict,
   plt.close(fig)
 
 
-# ---------------------------------------------------------------------------
-# The command.
+_FULL = flags.DEFINE_bool('full', False,
+                          'Every row (default: the quick subset).')
+_ROWS = flags.DEFINE_list(
+    'rows', [], 'Row names (overrides --full), from: ' + ', '.join(
+        f'{r.name}{"*" if r.quick else ""}' for r in ROWS) +
+    ' (* = quick subset).')
+_EPOCHS = flags.DEFINE_float('epochs', DEFAULT_EPOCHS,
+                             'Pretraining epochs per row.')
+_DATASET = flags.DEFINE_enum('dataset', 'fashion_mnist', dataset_lib.DATASETS,
+                             'Dataset of every row.')
+_WORKDIR_ROOT = flags.DEFINE_string(
+    'workdir_root', '', 'Default: workdirs/ablation_<dataset>[_smoke].')
+_RESULTS_DIR = flags.DEFINE_string(
+    'results_dir', '', 'Default: experiments/results (with --smoke: the '
+    'workdir root).')
+_SMOKE = flags.DEFINE_bool('smoke', False,
+                           'Tiny network, 3 steps per row (plumbing only).')
+_PROBE_TRAIN = flags.DEFINE_integer(
+    'probe_train_examples', -1, 'Fit the probes on the first N train '
+    'examples (-1: all; --smoke: 1000).')
+_PROBE_TEST = flags.DEFINE_integer(
+    'probe_test_examples', -1, 'Score the probes on the first N test '
+    'examples (-1: all; --smoke: 1000).')
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='experiments/ablation.py', description=__doc__.splitlines()[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog='Rows: ' + ', '.join(
-          f'{r.name}{"*" if r.quick else ""}' for r in ROWS) +
-      ' (* = quick subset).')
-  parser.add_argument('--full', action='store_true',
-                      help='every row (default: the quick subset)')
-  parser.add_argument('--rows', default='',
-                      help='comma-separated row names (overrides --full)')
-  parser.add_argument('--epochs', type=float, default=DEFAULT_EPOCHS,
-                      help='pretraining epochs per row (default %(default)s)')
-  parser.add_argument('--dataset', default='fashion_mnist',
-                      choices=dataset_lib.DATASETS)
-  parser.add_argument('--workdir_root', default='',
-                      help='default workdirs/ablation_<dataset>[_smoke]')
-  parser.add_argument('--results_dir', default='',
-                      help='default experiments/results (with --smoke: the '
-                      'workdir root)')
-  parser.add_argument('--smoke', action='store_true',
-                      help='tiny network, 3 steps per row (plumbing only)')
-  parser.add_argument('--probe_train_examples', type=int, default=-1,
-                      help='fit the probes on the first N train examples '
-                      '(-1: all; --smoke: 1000)')
-  parser.add_argument('--probe_test_examples', type=int, default=-1,
-                      help='score the probes on the first N test examples '
-                      '(-1: all; --smoke: 1000)')
-  return parser.parse_args(list(argv))
-
-
-def select_rows(args) -> List[Row]:
-  if args.rows:
-    names = [n.strip() for n in args.rows.split(',') if n.strip()]
+def select_rows(names: Sequence[str], full: bool) -> List[Row]:
+  """The rows named (all of them known), else the quick subset or all."""
+  if names:
     unknown = [n for n in names if n not in ROWS_BY_NAME]
     if unknown:
       raise UserError(f'unknown row(s) {", ".join(unknown)}; choose from '
                       f'{", ".join(ROWS_BY_NAME)}')
     return [ROWS_BY_NAME[n] for n in names]
-  return [r for r in ROWS if args.full or r.quick]
+  return [r for r in ROWS if full or r.quick]
 
 
 def main(argv: Sequence[str], printer=print) -> int:
-  args = parse_args(argv)
+  """Parses the flags in `argv` (without the program name) and runs.
+
+  Returns the exit status: 0, 2 for bad input (one `error:` line on
+  stderr), 128 + the signal that stopped a row.
+  """
+  flags.FLAGS.unparse_flags()  # each call parses afresh (tests call main)
   try:
-    return _main(args, argv, printer)
+    flags.FLAGS(['ablation', *argv])
+    return _main(argv, printer)
+  except flags.Error as e:
+    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    return 2
   except UserError as e:
     print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
     return 2
-  except experiment.Preempted as e:
+  except train_loop.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr)
-    return 143
+    return e.exit_status
 
 
-def _main(args, argv, printer) -> int:
-  if args.epochs <= 0:
-    raise UserError(f'--epochs must be positive, got {args.epochs}')
-  rows = select_rows(args)
-  suffix = '_smoke' if args.smoke else ''
-  root = args.workdir_root or os.path.join(
-      ROOT, 'workdirs', f'ablation_{args.dataset}{suffix}')
-  results_dir = args.results_dir or (
-      root if args.smoke else os.path.join(ROOT, 'experiments', 'results'))
-  default_probe = SMOKE_PROBE_EXAMPLES if args.smoke else -1
-  max_train = (args.probe_train_examples if args.probe_train_examples != -1
+def _main(argv, printer) -> int:
+  epochs, dataset, smoke = _EPOCHS.value, _DATASET.value, _SMOKE.value
+  if epochs <= 0:
+    raise UserError(f'--epochs must be positive, got {epochs}')
+  rows = select_rows(_ROWS.value, _FULL.value)
+  suffix = '_smoke' if smoke else ''
+  root = _WORKDIR_ROOT.value or os.path.join(
+      ROOT, 'workdirs', f'ablation_{dataset}{suffix}')
+  results_dir = _RESULTS_DIR.value or (
+      root if smoke else os.path.join(ROOT, 'experiments', 'results'))
+  default_probe = SMOKE_PROBE_EXAMPLES if smoke else -1
+  max_train = (_PROBE_TRAIN.value if _PROBE_TRAIN.value != -1
                else default_probe)
-  max_test = (args.probe_test_examples if args.probe_test_examples != -1
+  max_test = (_PROBE_TEST.value if _PROBE_TEST.value != -1
               else default_probe)
   os.makedirs(root, exist_ok=True)
   os.makedirs(results_dir, exist_ok=True)
-  configs = {r.name: row_config(r, dataset=args.dataset, epochs=args.epochs,
-                                smoke=args.smoke) for r in rows}
+  configs = {r.name: row_config(r, dataset=dataset, epochs=epochs,
+                                smoke=smoke) for r in rows}
   for config in configs.values():
     experiment.validate_config(config)
 
@@ -569,8 +554,8 @@ def _main(args, argv, printer) -> int:
     return steps * config.training.batch_size / LOCAL_IMAGES_PER_SEC + (
         PROBE_SECONDS)
 
-  printer(f'[ablation] {len(rows)} row(s) on {args.dataset}, '
-          f'{"smoke (3 steps, tiny network)" if args.smoke else f"{args.epochs:g} epoch(s) per row"}; '
+  printer(f'[ablation] {len(rows)} row(s) on {dataset}, '
+          f'{"smoke (3 steps, tiny network)" if smoke else f"{epochs:g} epoch(s) per row"}; '
           f'workdirs under {root}')
   finished = load_finished(root)
   todo = [r for r in rows if r.name not in finished]
@@ -584,7 +569,7 @@ def _main(args, argv, printer) -> int:
     workdir = os.path.join(root, row.name)
     head = f'[ablation] row {i}/{len(rows)} {row.name} ({row.label()})'
     if row.name in finished:
-      diff = experiment.config_differences(finished[row.name]['config'],
+      diff = train_loop.config_differences(finished[row.name]['config'],
                                            _config_dict(config))
       if diff:
         raise UserError(
@@ -616,24 +601,32 @@ def _main(args, argv, printer) -> int:
             f' x step 0){", COLLAPSED" if result["collapsed"] else ""}; '
             f'{_duration(durations[-1])}; {eta_text}')
 
-  any_config = next(iter(configs.values()))
+  image_size = next(iter(configs.values())).data.image_size
+  _write_outputs(root, results_dir, dataset=dataset, image_size=image_size,
+                 max_train=max_train, max_test=max_test,
+                 command='python -m experiments.ablation ' + ' '.join(argv),
+                 printer=printer)
+  return 0
+
+
+def _write_outputs(root: str, results_dir: str, *, dataset: str,
+                   image_size: int, max_train: int, max_test: int,
+                   command: str, printer) -> None:
+  """The raw-pixel baseline, then the table and plot of every finished row."""
   baseline = raw_pixel_baseline(
-      root, dataset=args.dataset, image_size=any_config.data.image_size,
+      root, dataset=dataset, image_size=image_size,
       max_train_examples=max_train, max_test_examples=max_test,
       printer=printer)
   all_finished = load_finished(root)
-  command = 'python experiments/ablation.py ' + ' '.join(argv)
-  table_path = os.path.join(results_dir, f'ablation_{args.dataset}.md')
-  plot_path = os.path.join(results_dir, f'ablation_{args.dataset}.png')
-  text = write_table(table_path, all_finished, baseline, dataset=args.dataset,
+  table_path = os.path.join(results_dir, f'ablation_{dataset}.md')
+  plot_path = os.path.join(results_dir, f'ablation_{dataset}.png')
+  text = write_table(table_path, all_finished, baseline, dataset=dataset,
                      command=command.strip(), max_train_examples=max_train,
                      max_test_examples=max_test)
   write_plot(plot_path, all_finished, baseline, root)
   printer('')
   printer(text)
   printer(f'[ablation] wrote {table_path} and {plot_path}')
-  return 0
-
 
 if __name__ == '__main__':
   sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Throughput of the PRETRAIN input pipeline: host, device, and both chained.
 
-  python experiments/bench_input.py [--batch_size=256] [--steps=30]
+  python -m experiments.bench_input [--batch_size=256] [--steps=30]
       [--json=experiments/results/bench_input.json]
 
 Rows: fashion_mnist at 24 px (the `local` preset), and the mock ImageNet path
@@ -18,24 +18,32 @@ The host and device parts share the same cores when JAX runs on the CPU, so
 `chained` is below the smaller of the two.
 """
 
-import argparse
 import functools
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                '..'))
+from absl import app
+from absl import flags
+import jax
+import numpy as np
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
+# byol first: it settles TensorFlow's start-up before TensorFlow is imported.
+from byol import augmentations
+from byol import dataset
+import tensorflow as tf  # pylint: disable=g-bad-import-order
+import tensorflow_datasets as tfds  # pylint: disable=g-bad-import-order
+from configs import byol as byol_config
 
-from byol import augmentations  # pylint: disable=g-import-not-at-top,wrong-import-position
-from byol import dataset  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import byol as byol_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+_BATCH = flags.DEFINE_integer('batch_size', 256, 'Batch of the 24 px row.')
+_STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps per row.')
+_IMAGENET_BATCH = flags.DEFINE_integer(
+    'imagenet_batch_size', 64, 'Batch of the 224 px rows (CPU-sized).')
+_MOCK_SOURCE_SIZE = flags.DEFINE_integer(
+    'mock_source_size', 400, 'JPEG width of the ImageNet-sized mock row (0 '
+    'skips that row).')
+_JSON = flags.DEFINE_string('json', '', 'Also write the rows to this JSON '
+                            'file.')
 
 
 def _rate(fn, steps, batch_size):
@@ -106,33 +114,23 @@ def bench(name, load_kwargs, aug_config, batch_size, steps, mock=None):
               compile_s=compile_s)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--batch_size', type=int, default=256)
-  parser.add_argument('--steps', type=int, default=30)
-  parser.add_argument('--imagenet_batch_size', type=int, default=64,
-                      help='batch of the 224 px rows (CPU-sized)')
-  parser.add_argument('--mock_source_size', type=int, default=400,
-                      help='JPEG width of the ImageNet-sized mock row '
-                           '(0 skips that row)')
-  parser.add_argument('--json', default='',
-                      help='also write the rows to this JSON file')
-  args = parser.parse_args()
-
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = byol_config.get_config()
   rows = [bench('fashion_mnist', dict(dataset='fashion_mnist', image_size=24),
-                config.data.augmentations, args.batch_size, args.steps)]
+                config.data.augmentations, _BATCH.value, _STEPS.value)]
   mock_rows = [('mock (tfds JPEGs, 5-49 px)',
                 tfds.testing.mock_data(num_examples=1000))]
-  if args.mock_source_size:
+  if _MOCK_SOURCE_SIZE.value:
     mock_rows.append((
-        f'mock (JPEGs {args.mock_source_size} px)',
+        f'mock (JPEGs {_MOCK_SOURCE_SIZE.value} px)',
         tfds.testing.mock_data(as_dataset_fn=_imagenet_sized_mock(
-            args.mock_source_size, 1000))))
+            _MOCK_SOURCE_SIZE.value, 1000))))
   for name, mock in mock_rows:
     rows.append(bench(name, dict(dataset='mock', image_size=224),
-                      config.data.augmentations, args.imagenet_batch_size,
-                      max(5, args.steps // 3), mock=mock))
+                      config.data.augmentations, _IMAGENET_BATCH.value,
+                      max(5, _STEPS.value // 3), mock=mock))
 
   print(f'{jax.device_count()} {jax.devices()[0].platform} device(s), '
         f'{os.cpu_count()} CPU cores; examples/s (two views each)')
@@ -144,11 +142,11 @@ def main():
     print(f'{r["pipeline"]:30s} {r["image_size"]:4d} {r["batch_size"]:6d} '
           f'{r["host"]:9.0f} {r["device"]:9.0f} {r["chained"]:9.0f} '
           f'{r["compile_s"]:10.1f}')
-  if args.json:
-    with open(args.json, 'w') as f:
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
       json.dump(dict(device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
                      rows=rows), f, indent=1)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -9,12 +9,12 @@ variants of a size run in the same process, one after the other, so their
 ratios are comparable even on a noisy machine.
 
   ./run.sh bench                                  # every size below
-  python experiments/benchmark.py --sizes=local --steps=20
-  python experiments/benchmark.py --sizes=resnet50_224 --dtype=bfloat16
-  python experiments/benchmark.py --sizes=local --norms=bn,gn+ws,gn+ws_naive
+  python -m experiments.benchmark --sizes=local --steps=20
+  python -m experiments.benchmark --sizes=resnet50_224 --dtype=bfloat16
+  python -m experiments.benchmark --sizes=local --norms=bn,gn+ws,gn+ws_naive
 
 `gn+ws_naive` is the starting point this project was measured against:
-Haiku's own `hk.GroupNorm` in place of `networks.GroupNorm`, and the two
+Haiku's own `hk.GroupNorm` in place of `layers.GroupNorm`, and the two
 views in two forward passes of B images (as BatchNorm needs) instead of one
 of 2B. It computes the same function as `gn+ws`.
 
@@ -29,21 +29,18 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
+import haiku as hk
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-import haiku as hk  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-from byol import devices  # pylint: disable=g-import-not-at-top
-from byol import experiment  # pylint: disable=g-import-not-at-top
-from byol import networks  # pylint: disable=g-import-not-at-top
-from configs import byol as byol_config  # pylint: disable=g-import-not-at-top
+from byol import devices
+from byol import experiment
+from byol import layers
+from byol import networks
+from configs import byol as byol_config
 
 SIZES = {
     # name: (config variants, overrides, whether to time the input pipeline)
@@ -77,7 +74,7 @@ NORM_VARIANTS = {
 
 
 class _HaikuGroupNorm(hk.Module):
-  """`networks.GroupNorm`'s interface over Haiku's own `hk.GroupNorm`."""
+  """`layers.GroupNorm`'s interface over Haiku's own `hk.GroupNorm`."""
 
   def __init__(self, num_groups, eps=1e-5, scale_init=None, name=None):
     super().__init__(name=name)
@@ -92,13 +89,13 @@ class _HaikuGroupNorm(hk.Module):
 def naive_group_norm():
   """While active, new networks use `hk.GroupNorm` and the step runs the two
   views in two passes: the baseline of `gn+ws_naive`."""
-  saved = networks.GroupNorm, experiment.batch_independent
-  networks.GroupNorm = _HaikuGroupNorm
+  saved = layers.GroupNorm, experiment.batch_independent
+  layers.GroupNorm = _HaikuGroupNorm
   experiment.batch_independent = lambda config: False
   try:
     yield
   finally:
-    networks.GroupNorm, experiment.batch_independent = saved
+    layers.GroupNorm, experiment.batch_independent = saved
 
 
 _SIZES = flags.DEFINE_list('sizes', list(SIZES), 'Sizes to measure.')

@@ -1,24 +1,10 @@
 """The ablation study's plumbing: --smoke on two rows, then a rerun."""
 
-import importlib.util
 import json
 import os
 import re
 
-import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_ablation():
-  spec = importlib.util.spec_from_file_location(
-      'ablation', os.path.join(ROOT, 'experiments', 'ablation.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-ablation = _load_ablation()
+from experiments import ablation
 
 
 def test_rows_are_the_papers_table():

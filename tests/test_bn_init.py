@@ -8,6 +8,7 @@ import pytest
 from byol import bn_init
 from byol import devices
 from byol import experiment
+from byol import train_loop
 from test_experiment import tiny_config
 
 BATCH = 16
@@ -139,7 +140,7 @@ def test_bn_init_config_pretrains(tmp_path):
       'training.checkpoint_every_steps': 2, 'model.bn_init_batch_size': 32})
   exp = experiment.PretrainExperiment(config, str(tmp_path),
                                       printer=lambda _: None)
-  summary = exp.train()
+  summary = train_loop.train(exp)
   assert summary['step'] == 2
   assert np.isfinite(summary['loss'])
   final = devices.unreplicate(exp.state)

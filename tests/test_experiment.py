@@ -270,3 +270,4 @@ def test_bfloat16_steps_track_float32():
   moved = np.linalg.norm(flat(p32) - flat(start))
   gap = np.linalg.norm(flat(p16) - flat(p32))
   assert gap <= 0.35 * moved, (gap, moved)
+

@@ -1,10 +1,9 @@
 """Tests of byol.losses: BYOL regression loss and SimCLR NT-Xent."""
 
-from absl.testing import absltest
-from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from byol import losses
 
@@ -25,124 +24,122 @@ def _nt_xent_reference(z1, z2, temperature):
   return total / (2 * n)
 
 
-class RegressionLossTest(parameterized.TestCase):
-
-  @parameterized.named_parameters(
-      ('orthogonal', [1., 0.], [0., 1.], 2.),
-      ('opposite', [1., 0.], [-2., 0.], 4.),
-      ('same_direction', [3., 4.], [0.3, 0.4], 0.),
-      ('sixty_degrees', [1., 0.], [0.5, np.sqrt(3) / 2], 1.),
-  )
-  def test_known_vectors(self, x, y, expected):
-    value = losses.regression_loss(jnp.array([x]), jnp.array([y]))
-    self.assertEqual(value.shape, (1,))
-    np.testing.assert_allclose(value, [expected], atol=1e-6)
-
-  def test_per_example_shape_and_batch_values(self):
-    x = jnp.array([[1., 0.], [1., 0.], [0., 2.]])
-    y = jnp.array([[0., 1.], [-1., 0.], [0., 5.]])
-    np.testing.assert_allclose(losses.regression_loss(x, y), [2., 4., 0.],
-                               atol=1e-6)
-
-  def test_zero_vector_is_finite(self):
-    x = jnp.zeros((1, 3))
-    y = jnp.array([[1., 2., 2.]])
-    value, grad = jax.value_and_grad(
-        lambda x: losses.regression_loss(x, y).sum())(x)
-    # A zero prediction is normalised to zero: distance to a unit vector is 1.
-    np.testing.assert_allclose(value, 1., atol=1e-6)
-    self.assertTrue(np.all(np.isfinite(grad)))
+@pytest.mark.parametrize('x,y,expected', [
+    pytest.param([1., 0.], [0., 1.], 2., id='orthogonal'),
+    pytest.param([1., 0.], [-2., 0.], 4., id='opposite'),
+    pytest.param([3., 4.], [0.3, 0.4], 0., id='same_direction'),
+    pytest.param([1., 0.], [0.5, np.sqrt(3) / 2], 1., id='sixty_degrees'),
+])
+def test_known_vectors(x, y, expected):
+  value = losses.regression_loss(jnp.array([x]), jnp.array([y]))
+  assert value.shape == (1,)
+  np.testing.assert_allclose(value, [expected], atol=1e-6)
 
 
-class ByolLossTest(absltest.TestCase):
-
-  def test_symmetrised_value(self):
-    p1 = jnp.array([[1., 0.], [0., 1.]])
-    p2 = jnp.array([[0., 1.], [0., 1.]])
-    z1 = jnp.array([[-1., 0.], [0., 1.]])
-    z2 = jnp.array([[0., 3.], [1., 0.]])
-    # Example 0: reg(p1, z2) = 2, reg(p2, z1) = 2; example 1: 2 and 0.
-    np.testing.assert_allclose(losses.byol_loss(p1, p2, z1, z2), 3.,
-                               atol=1e-6)
-
-  def test_gradient_reaches_predictions_not_targets(self):
-    rng = np.random.default_rng(0)
-    p1, p2, z1, z2 = (jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
-                      for _ in range(4))
-    grads = jax.grad(losses.byol_loss, argnums=(0, 1, 2, 3))(p1, p2, z1, z2)
-    self.assertGreater(float(jnp.abs(grads[0]).sum()), 1e-3)
-    self.assertGreater(float(jnp.abs(grads[1]).sum()), 1e-3)
-    self.assertEqual(float(jnp.abs(grads[2]).sum()), 0.)
-    self.assertEqual(float(jnp.abs(grads[3]).sum()), 0.)
+def test_per_example_shape_and_batch_values():
+  x = jnp.array([[1., 0.], [1., 0.], [0., 2.]])
+  y = jnp.array([[0., 1.], [-1., 0.], [0., 5.]])
+  np.testing.assert_allclose(losses.regression_loss(x, y), [2., 4., 0.],
+                             atol=1e-6)
 
 
-class NtXentTest(parameterized.TestCase):
-
-  @parameterized.parameters(0.1, 0.5)
-  def test_matches_numpy_reference(self, temperature):
-    rng = np.random.default_rng(1)
-    z1 = rng.standard_normal((6, 5)).astype(np.float32)
-    z2 = rng.standard_normal((6, 5)).astype(np.float32)
-    value = losses.nt_xent(jnp.asarray(z1), jnp.asarray(z2),
-                           temperature=temperature)
-    np.testing.assert_allclose(value, _nt_xent_reference(z1, z2, temperature),
-                               rtol=1e-5)
-
-  def test_identical_views_far_apart_give_small_loss(self):
-    # Orthogonal examples, both views equal: each anchor's positive has logit
-    # 1/t = 10 and every negative 0; loss = log(1 + (2n - 2) e^-10).
-    z = jnp.eye(4)
-    expected = np.log1p(6 * np.exp(-10.))
-    np.testing.assert_allclose(losses.nt_xent(z, z, 0.1), expected, atol=1e-6)
-
-  def test_pmapped_equals_unsharded(self):
-    devices = 2
-    if jax.local_device_count() < devices:
-      self.skipTest('needs XLA_FLAGS=--xla_force_host_platform_device_count>=2')
-    rng = np.random.default_rng(2)
-    z1 = rng.standard_normal((8, 5)).astype(np.float32)
-    z2 = rng.standard_normal((8, 5)).astype(np.float32)
-    full = losses.nt_xent(jnp.asarray(z1), jnp.asarray(z2), 0.1)
-
-    def sharded_loss(a, b):
-      return jax.lax.pmean(losses.nt_xent(a, b, 0.1, axis_name='i'), 'i')
-
-    per_device = jax.pmap(sharded_loss, axis_name='i',
-                          devices=jax.local_devices()[:devices])(
-                              z1.reshape(devices, 4, 5),
-                              z2.reshape(devices, 4, 5))
-    np.testing.assert_allclose(per_device, [full] * devices, rtol=1e-5)
-    # Against the reference too, so that both paths are pinned to a number.
-    np.testing.assert_allclose(full, _nt_xent_reference(z1, z2, 0.1),
-                               rtol=1e-5)
-
-  def test_pmean_of_pmapped_param_grads_equals_unsharded_grad(self):
-    # The training step differentiates each device's loss and pmeans the
-    # gradients; through all_gather's transpose this must equal the gradient
-    # of the loss of the whole batch.
-    devices = 2
-    if jax.local_device_count() < devices:
-      self.skipTest('needs XLA_FLAGS=--xla_force_host_platform_device_count>=2')
-    rng = np.random.default_rng(3)
-    w = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
-    x1 = rng.standard_normal((8, 3)).astype(np.float32)
-    x2 = rng.standard_normal((8, 3)).astype(np.float32)
-
-    def loss(w, a, b, axis_name=None):
-      return losses.nt_xent(a @ w, b @ w, 0.1, axis_name=axis_name)
-
-    full_grad = jax.grad(loss)(w, x1, x2)
-
-    def device_grad(w, a, b):
-      return jax.lax.pmean(jax.grad(loss)(w, a, b, axis_name='i'), 'i')
-
-    grads = jax.pmap(device_grad, axis_name='i', in_axes=(None, 0, 0),
-                     devices=jax.local_devices()[:devices])(
-                         w, x1.reshape(devices, 4, 3),
-                         x2.reshape(devices, 4, 3))
-    self.assertGreater(float(jnp.abs(full_grad).max()), 1e-2)
-    np.testing.assert_allclose(grads[0], full_grad, rtol=1e-4, atol=1e-6)
+def test_zero_vector_is_finite():
+  x = jnp.zeros((1, 3))
+  y = jnp.array([[1., 2., 2.]])
+  value, grad = jax.value_and_grad(
+      lambda x: losses.regression_loss(x, y).sum())(x)
+  # A zero prediction is normalised to zero: distance to a unit vector is 1.
+  np.testing.assert_allclose(value, 1., atol=1e-6)
+  assert np.all(np.isfinite(grad))
 
 
-if __name__ == '__main__':
-  absltest.main()
+def test_symmetrised_value():
+  p1 = jnp.array([[1., 0.], [0., 1.]])
+  p2 = jnp.array([[0., 1.], [0., 1.]])
+  z1 = jnp.array([[-1., 0.], [0., 1.]])
+  z2 = jnp.array([[0., 3.], [1., 0.]])
+  # Example 0: reg(p1, z2) = 2, reg(p2, z1) = 2; example 1: 2 and 0.
+  np.testing.assert_allclose(losses.byol_loss(p1, p2, z1, z2), 3.,
+                             atol=1e-6)
+
+
+def test_gradient_reaches_predictions_not_targets():
+  rng = np.random.default_rng(0)
+  p1, p2, z1, z2 = (jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+                    for _ in range(4))
+  grads = jax.grad(losses.byol_loss, argnums=(0, 1, 2, 3))(p1, p2, z1, z2)
+  assert float(jnp.abs(grads[0]).sum()) > 1e-3
+  assert float(jnp.abs(grads[1]).sum()) > 1e-3
+  assert float(jnp.abs(grads[2]).sum()) == 0.
+  assert float(jnp.abs(grads[3]).sum()) == 0.
+
+
+@pytest.mark.parametrize('temperature', [0.1, 0.5])
+def test_matches_numpy_reference(temperature):
+  rng = np.random.default_rng(1)
+  z1 = rng.standard_normal((6, 5)).astype(np.float32)
+  z2 = rng.standard_normal((6, 5)).astype(np.float32)
+  value = losses.nt_xent(jnp.asarray(z1), jnp.asarray(z2),
+                         temperature=temperature)
+  np.testing.assert_allclose(value, _nt_xent_reference(z1, z2, temperature),
+                             rtol=1e-5)
+
+
+def test_identical_views_far_apart_give_small_loss():
+  # Orthogonal examples, both views equal: each anchor's positive has logit
+  # 1/t = 10 and every negative 0; loss = log(1 + (2n - 2) e^-10).
+  z = jnp.eye(4)
+  expected = np.log1p(6 * np.exp(-10.))
+  np.testing.assert_allclose(losses.nt_xent(z, z, 0.1), expected, atol=1e-6)
+
+
+def test_pmapped_equals_unsharded():
+  devices = 2
+  if jax.local_device_count() < devices:
+    pytest.skip('needs XLA_FLAGS=--xla_force_host_platform_device_count>=2')
+  rng = np.random.default_rng(2)
+  z1 = rng.standard_normal((8, 5)).astype(np.float32)
+  z2 = rng.standard_normal((8, 5)).astype(np.float32)
+  full = losses.nt_xent(jnp.asarray(z1), jnp.asarray(z2), 0.1)
+
+  def sharded_loss(a, b):
+    return jax.lax.pmean(losses.nt_xent(a, b, 0.1, axis_name='i'), 'i')
+
+  per_device = jax.pmap(sharded_loss, axis_name='i',
+                        devices=jax.local_devices()[:devices])(
+                            z1.reshape(devices, 4, 5),
+                            z2.reshape(devices, 4, 5))
+  np.testing.assert_allclose(per_device, [full] * devices, rtol=1e-5)
+  # Against the reference too, so that both paths are pinned to a number.
+  np.testing.assert_allclose(full, _nt_xent_reference(z1, z2, 0.1),
+                             rtol=1e-5)
+
+
+def test_pmean_of_pmapped_param_grads_equals_unsharded_grad():
+  # The training step differentiates each device's loss and pmeans the
+  # gradients; through all_gather's transpose this must equal the gradient
+  # of the loss of the whole batch.
+  devices = 2
+  if jax.local_device_count() < devices:
+    pytest.skip('needs XLA_FLAGS=--xla_force_host_platform_device_count>=2')
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+  x1 = rng.standard_normal((8, 3)).astype(np.float32)
+  x2 = rng.standard_normal((8, 3)).astype(np.float32)
+
+  def loss(w, a, b, axis_name=None):
+    return losses.nt_xent(a @ w, b @ w, 0.1, axis_name=axis_name)
+
+  full_grad = jax.grad(loss)(w, x1, x2)
+
+  def device_grad(w, a, b):
+    return jax.lax.pmean(jax.grad(loss)(w, a, b, axis_name='i'), 'i')
+
+  grads = jax.pmap(device_grad, axis_name='i', in_axes=(None, 0, 0),
+                   devices=jax.local_devices()[:devices])(
+                       w, x1.reshape(devices, 4, 3),
+                       x2.reshape(devices, 4, 3))
+  assert float(jnp.abs(full_grad).max()) > 1e-2
+  np.testing.assert_allclose(grads[0], full_grad, rtol=1e-4, atol=1e-6)
+
+

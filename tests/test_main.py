@@ -64,6 +64,13 @@ BAD_INPUTS = [
     ('stray_argument', [f'--config={LOCAL}', 'extra'], ['extra']),
     ('bad_dtype', [f'--config={LOCAL}', '--config.model.dtype=float8'],
      ['float8']),
+    # Checked by the networks' constructors, named by the config path.
+    ('zero_hidden_size', [f'--config={LOCAL}',
+                          '--config.model.projector.hidden_size=0'],
+     ['model.projector', 'hidden_size must be positive']),
+    ('zero_width', [f'--config={LOCAL}',
+                    '--config.model.encoder.width_multiplier=0'],
+     ['model.encoder', 'width_multiplier must be positive']),
 ]
 
 
@@ -85,6 +92,42 @@ def test_missing_dataset_files(tmp_path):
                     env={'TFDS_DATA_DIR': str(tmp_path / 'tfds'),
                          'BYOL_NO_TFDS_DOWNLOAD': '1'})
   assert_user_error(result, 'dataset-fashion-mnist')
+
+
+def _bare_env():
+  """The environment without any TensorFlow logging or oneDNN setting."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('TF_CPP_MIN_LOG_LEVEL', 'TF_ENABLE_ONEDNN_OPTS')}
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def test_tensorflow_settings_precede_its_import():
+  # Holds on any CPU: what main.py has set by the time anything could import
+  # TensorFlow. oneDNN's start-up line ignores TF_CPP_MIN_LOG_LEVEL, so only
+  # TF_ENABLE_ONEDNN_OPTS=0 keeps it off stderr on CPUs that enable it.
+  probe = ('import os, sys; import main; '
+           'print(os.environ.get("TF_ENABLE_ONEDNN_OPTS"), '
+           'os.environ.get("TF_CPP_MIN_LOG_LEVEL"), '
+           '"tensorflow" in sys.modules)')
+  result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env=_bare_env())
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ['0', '2', 'False']
+
+
+def test_tensorflow_starts_silently():
+  # On CPUs with AVX-512 TensorFlow 2.21 prints "WARNING: All log messages
+  # before absl::InitializeLog() ..." and "oneDNN custom operations are on"
+  # at import unless oneDNN is off, whatever TF_CPP_MIN_LOG_LEVEL says.
+  code = ('from byol import dataset; '
+          'dataset.tf.constant(1.0); dataset.tfds.Split.TRAIN')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env=_bare_env())
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stderr == ''
 
 
 def test_evaluating_a_workdir_without_a_run(tmp_path):

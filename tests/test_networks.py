@@ -6,13 +6,13 @@ traced for shapes (`jax.eval_shape`), never run.
 
 import zlib
 
-from absl.testing import absltest
-from absl.testing import parameterized
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from byol import layers
 from byol import networks
 
 KINDS = ('bn', 'gn', 'ln', 'affine', 'none')
@@ -108,501 +108,521 @@ def _rel_err(a, b):
   return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
-class NormTest(parameterized.TestCase):
-
-  def _apply_pair(self, fast, reference, x):
-    """Applies two norm modules named alike with the same random params."""
-    fast_t = hk.without_apply_rng(hk.transform(lambda x: fast()(x, True)))
-    ref_t = hk.without_apply_rng(hk.transform(lambda x: reference()(x)))
-    params = _randomize(_init(fast_t, x.astype(jnp.float32)), seed=1)
-    return jax.jit(fast_t.apply), jax.jit(ref_t.apply), params
-
-  def test_group_norm_matches_haiku_forward_and_grads(self):
-    x = 2. * _normal(0, (3, 5, 6, 32)) + 1.
-    fast, ref, params = self._apply_pair(
-        lambda: networks.GroupNorm(16, name='gn'),
-        lambda: hk.GroupNorm(16, eps=1e-5, name='gn'), x)
-    np.testing.assert_allclose(fast(params, x),
-                               ref(params, x), rtol=1e-5, atol=1e-5)
-
-    weights = _normal(2, x.shape)
-    def loss(apply):
-      return lambda p, x: jnp.sum(jnp.sin(apply(p, x)) * weights)
-    fast_g = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(params, x)
-    ref_g = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(params, x)
-    for f, r in zip(jax.tree.leaves(fast_g), jax.tree.leaves(ref_g)):
-      self.assertLess(_rel_err(f, r), 1e-5)
-
-  def test_group_norm_bfloat16_input(self):
-    x = 2. * _normal(0, (2, 4, 4, 16)) + 1.
-    x16 = x.astype(jnp.bfloat16)
-    fast, ref, params = self._apply_pair(
-        lambda: networks.GroupNorm(4, name='gn'),
-        lambda: hk.GroupNorm(4, eps=1e-5, name='gn'), x)
-    out = fast(params, x16)
-    self.assertEqual(out.dtype, jnp.bfloat16)
-    # bf16 keeps 8 significant bits: outputs of size ~2 are off by <= 2^-7.
-    expected = ref(params, x16.astype(jnp.float32))
-    np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=2e-2)
-    grad_x16 = jax.grad(lambda x: jnp.sum(fast(params, x)[..., 0]
-                                          .astype(jnp.float32)))(x16)
-    grad_ref = jax.grad(lambda x: jnp.sum(ref(params, x)[..., 0]))(
-        x16.astype(jnp.float32))
-    self.assertEqual(grad_x16.dtype, jnp.bfloat16)
-    np.testing.assert_allclose(grad_x16.astype(jnp.float32), grad_ref,
-                               atol=3e-2)
-
-  def test_group_norm_on_features_matches_haiku(self):
-    x = _normal(3, (5, 24))
-    fast, ref, params = self._apply_pair(
-        lambda: networks.GroupNorm(6, name='gn'),
-        lambda: hk.GroupNorm(6, eps=1e-5, name='gn'), x)
-    np.testing.assert_allclose(fast(params, x),
-                               ref(params, x), rtol=1e-5, atol=1e-5)
-
-  def test_one_group_is_layer_norm(self):
-    x = 3. * _normal(0, (2, 5, 5, 12)) - 1.
-    fast, ref, params = self._apply_pair(
-        lambda: networks.GroupNorm(1, name='n'),
-        lambda: hk.LayerNorm(axis=(1, 2, 3), create_scale=True,
-                             create_offset=True, eps=1e-5, name='n'), x)
-    np.testing.assert_allclose(fast(params, x),
-                               ref(params, x), rtol=1e-5, atol=1e-5)
-    ln = hk.without_apply_rng(hk.transform(
-        lambda x: networks.make_norm('ln')('n')(x, True)))
-    np.testing.assert_allclose(ln.apply(params, x), ref(params, x),
-                               rtol=1e-5, atol=1e-5)
-
-  def test_channel_groups_is_instance_norm(self):
-    x = _normal(0, (2, 4, 3, 6)) * 2. + 0.5
-    t = hk.without_apply_rng(hk.transform(
-        lambda x: networks.GroupNorm(6)(x)))
-    out = t.apply(_init(t, x), x)
-    xn = np.asarray(x, np.float64)
-    mean = xn.mean(axis=(1, 2), keepdims=True)
-    var = xn.var(axis=(1, 2), keepdims=True)
-    np.testing.assert_allclose(out, (xn - mean) / np.sqrt(var + 1e-5),
-                               rtol=1e-5, atol=1e-5)
-
-  def test_affine_and_none(self):
-    x = _normal(0, (2, 3, 3, 4))
-    t = hk.without_apply_rng(hk.transform(
-        lambda x: networks.make_norm('affine')('affine')(x, True)))
-    params = _init(t, x)
-    self.assertEqual(jax.tree.map(jnp.shape, params),
-                     {'affine': {'scale': (4,), 'offset': (4,)}})
-    params = {'affine': {'scale': jnp.array([1., 2., 3., 4.]),
-                         'offset': jnp.array([0., 1., 0., -1.])}}
-    np.testing.assert_allclose(
-        t.apply(params, x),
-        x * params['affine']['scale'] + params['affine']['offset'], rtol=1e-6)
-    t = hk.without_apply_rng(hk.transform(
-        lambda x: networks.make_norm('none')('identity')(x, True)))
-    self.assertEqual(_init(t, x), {})
-    np.testing.assert_array_equal(t.apply({}, x), x)
-
-  def test_unknown_norm(self):
-    with self.assertRaisesRegex(
-        ValueError, "unknown norm 'batch'; choose from bn, gn, ln, affine, "
-        'none'):
-      networks.make_norm('batch')
-
-  def test_group_norm_groups_must_divide_channels(self):
-    t = hk.transform(lambda x: networks.GroupNorm(5, name='my_gn')(x))
-    with self.assertRaisesRegex(
-        ValueError, r'my_gn: num_groups=5 does not divide the 12 channels'):
-      t.init(None, jnp.zeros((1, 2, 2, 12)))
+def _apply_pair(fast, reference, x):
+  """Applies two norm modules named alike with the same random params."""
+  fast_t = hk.without_apply_rng(hk.transform(lambda x: fast()(x, True)))
+  ref_t = hk.without_apply_rng(hk.transform(lambda x: reference()(x)))
+  params = _randomize(_init(fast_t, x.astype(jnp.float32)), seed=1)
+  return jax.jit(fast_t.apply), jax.jit(ref_t.apply), params
 
 
-class WeightStandardizationTest(parameterized.TestCase):
+def test_group_norm_matches_haiku_forward_and_grads():
+  x = 2. * _normal(0, (3, 5, 6, 32)) + 1.
+  fast, ref, params = _apply_pair(
+      lambda: layers.GroupNorm(16, name='gn'),
+      lambda: hk.GroupNorm(16, eps=1e-5, name='gn'), x)
+  np.testing.assert_allclose(fast(params, x),
+                             ref(params, x), rtol=1e-5, atol=1e-5)
 
-  @parameterized.named_parameters(
-      ('conv', lambda: networks.WSConv2D(6, 3), (3, 3, 5, 6), (0, 1, 2)),
-      ('linear', lambda: networks.WSLinear(6), (20, 6), (0,)),
-  )
-  def test_standardized_weight_statistics(self, make, shape, axis):
-    # Raw weights with a different mean and scale for each output unit.
-    rng = np.random.default_rng(0)
-    raw = jnp.asarray(rng.standard_normal(shape)
-                      * rng.uniform(0.5, 5., shape[-1:])
-                      + rng.uniform(-3., 3., shape[-1:]), jnp.float32)
-    t = hk.without_apply_rng(hk.transform(lambda: make().effective_weight(raw)))
-    w = t.apply({})
-    np.testing.assert_allclose(jnp.mean(w, axis=axis), 0., atol=1e-6)
-    # var = v / (v + 1e-4) with v >= 0.25.
-    np.testing.assert_allclose(jnp.var(w, axis=axis), 1., atol=1e-3)
-
-  def test_standardization_of_constant_weight_is_finite(self):
-    t = hk.without_apply_rng(hk.transform(
-        lambda: networks.WSLinear(3).effective_weight(jnp.ones((4, 3)))))
-    np.testing.assert_array_equal(t.apply({}), np.zeros((4, 3)))
-
-  def _net(self, ws, ws_eps=1e-4):
-    def forward(x):
-      emb = _tiny('gn', ws, ws_eps=ws_eps)(x, True)
-      proj = networks.MLP(16, 8, norm='gn', weight_standardization=ws,
-                          num_groups=4, ws_eps=ws_eps, name='projector')
-      return proj(emb, True)
-    return _transform(forward)
-
-  def test_ws_adds_no_parameters(self):
-    x = _images(0)
-    p_ws, _ = jax.eval_shape(self._net(True).init, jax.random.PRNGKey(0), x)
-    p_plain, _ = jax.eval_shape(self._net(False).init, jax.random.PRNGKey(0),
-                                x)
-    self.assertEqual(jax.tree.map(jnp.shape, p_ws),
-                     jax.tree.map(jnp.shape, p_plain))
-    self.assertEqual(_num_params(p_ws), _num_params(p_plain))
-
-  def test_invariant_to_raw_weight_affine_changes(self):
-    # The invariance is exact only as ws_eps -> 0: with the default 1e-4 and
-    # fan-in initialised weights (var ~ 1 / fan_in) eps is not negligible.
-    net = self._net(True, ws_eps=1e-12)
-    x = _images(0)
-    params, state = _fill(net, x)
-
-    def distort(path, w):
-      if path[-1].key != 'w':
-        return w
-      shift = _normal(w.size, w.shape[-1:])
-      return 3.7 * w + shift
-    distorted = jax.tree_util.tree_map_with_path(distort, params)
-    self.assertGreater(
-        _rel_err(distorted['projector/linear']['w'],
-                 params['projector/linear']['w']), 1.)
-    apply = jax.jit(net.apply)
-    out, _ = apply(params, state, None, x)
-    out_distorted, _ = apply(distorted, state, None, x)
-    self.assertLess(_rel_err(out_distorted, out), 1e-4)
-
-  def test_gradients_reach_raw_weights(self):
-    # One bottleneck block and a head: a whole ResNet's backward pass takes
-    # XLA's CPU backend over 10 s to compile, and adds nothing here.
-    def forward(x):
-      block = networks.ResidualBlock(
-          4, stride=2, bottleneck=True, use_projection=True,
-          conv=networks.make_conv(True), norm=networks.make_norm('gn',
-                                                                 num_groups=2))
-      emb = jnp.mean(block(x, True), axis=(1, 2))
-      return networks.MLP(8, 4, norm='gn', weight_standardization=True,
-                          num_groups=2)(emb, True)
-    net = _transform(forward)
-    x = _normal(0, (4, 6, 6, 8))
-    params, state = _fill(net, x)
-    loss = lambda p: jnp.sum(jnp.sin(3. * net.apply(p, state, None, x)[0]))
-    grads = jax.jit(jax.grad(loss))(params)
-    weight_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
-                    if path[-1].key == 'w']
-    self.assertLen(weight_grads, 6)  # 4 convs + 2 linear layers.
-    for g in weight_grads:
-      self.assertTrue(np.all(np.isfinite(g)))
-      self.assertGreater(float(jnp.linalg.norm(g)), 1e-6)
+  weights = _normal(2, x.shape)
+  def loss(apply):
+    return lambda p, x: jnp.sum(jnp.sin(apply(p, x)) * weights)
+  fast_g = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(params, x)
+  ref_g = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(params, x)
+  for f, r in zip(jax.tree.leaves(fast_g), jax.tree.leaves(ref_g)):
+    assert _rel_err(f, r) < 1e-5
 
 
-class BatchIndependenceTest(parameterized.TestCase):
-
-  @parameterized.product(norm=('gn', 'ln', 'affine', 'none'), ws=(False, True))
-  def test_example_unaffected_by_rest_of_batch(self, norm, ws):
-    def forward(x):
-      emb = _tiny(norm, ws)(x, True)
-      return emb, networks.MLP(16, 8, norm=norm, weight_standardization=ws,
-                               num_groups=4)(emb, True)
-    net = _transform(forward)
-    x, others = _images(0), _images(1)
-    params, state = _fill(net, x)
-    apply = jax.jit(net.apply)
-    (emb_a, out_a), _ = apply(params, state, None, x)
-    # Same first example, different companions.
-    (emb_b, out_b), _ = apply(params, state, None, others.at[0].set(x[0]))
-    self.assertLess(_rel_err(emb_b[0], emb_a[0]), 1e-5)
-    self.assertLess(_rel_err(out_b[0], out_a[0]), 1e-5)
-    self.assertGreater(_rel_err(emb_b[1], emb_a[1]), 1e-2)
-
-  def test_batch_norm_in_training_depends_on_batch(self):
-    net = _transform(lambda x: _tiny('bn')(x, True))
-    x, others = _images(0), _images(1)
-    params, state = _fill(net, x)
-    apply = jax.jit(net.apply)
-    emb_a, _ = apply(params, state, None, x)
-    emb_b, _ = apply(params, state, None, others.at[0].set(x[0]))
-    self.assertGreater(_rel_err(emb_b[0], emb_a[0]), 1e-2)
+def test_group_norm_bfloat16_input():
+  x = 2. * _normal(0, (2, 4, 4, 16)) + 1.
+  x16 = x.astype(jnp.bfloat16)
+  fast, ref, params = _apply_pair(
+      lambda: layers.GroupNorm(4, name='gn'),
+      lambda: hk.GroupNorm(4, eps=1e-5, name='gn'), x)
+  out = fast(params, x16)
+  assert out.dtype == jnp.bfloat16
+  # bf16 keeps 8 significant bits: outputs of size ~2 are off by <= 2^-7.
+  expected = ref(params, x16.astype(jnp.float32))
+  np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=2e-2)
+  grad_x16 = jax.grad(lambda x: jnp.sum(fast(params, x)[..., 0]
+                                        .astype(jnp.float32)))(x16)
+  grad_ref = jax.grad(lambda x: jnp.sum(ref(params, x)[..., 0]))(
+      x16.astype(jnp.float32))
+  assert grad_x16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(grad_x16.astype(jnp.float32), grad_ref,
+                             atol=3e-2)
 
 
-class ResNetStructureTest(parameterized.TestCase):
-
-  @parameterized.named_parameters(
-      ('bn', 'bn', False), ('gn', 'gn', False), ('gn_ws', 'gn', True))
-  def test_resnet50_parameter_count(self, norm, ws):
-    params, _ = _shapes(
-        lambda x: networks.ResNet50(norm=norm, weight_standardization=ws)(
-            x, True), jnp.zeros((1, 32, 32, 3)))
-    # torchvision's 25,557,032 less the 2048 x 1000 + 1000 classifier.
-    self.assertEqual(_num_params(params), 23_508_032)
-
-  def test_resnet18_parameter_count(self):
-    params, _ = _shapes(lambda x: networks.ResNet18()(x, True),
-                        jnp.zeros((1, 32, 32, 3)))
-    self.assertEqual(_num_params(params), 11_176_512)
-
-  def test_resnet50_names_follow_deepmind_layout(self):
-    params, state = _shapes(lambda x: networks.ResNet50()(x, True),
-                            jnp.zeros((1, 32, 32, 3)))
-    block = 'res_net50/~/block_group_0/~/block_0/~/'
-    expected = {
-        'res_net50/~/initial_conv': {'w': (7, 7, 3, 64)},
-        'res_net50/~/initial_batchnorm': {'scale': (1, 1, 1, 64),
-                                          'offset': (1, 1, 1, 64)},
-        block + 'conv_0': {'w': (1, 1, 64, 64)},
-        block + 'conv_1': {'w': (3, 3, 64, 64)},
-        block + 'conv_2': {'w': (1, 1, 64, 256)},
-        block + 'shortcut_conv': {'w': (1, 1, 64, 256)},
-        'res_net50/~/block_group_3/~/block_2/~/conv_2': {
-            'w': (1, 1, 512, 2048)},
-    }
-    shapes = jax.tree.map(lambda a: a.shape, params)
-    for module, leaves in expected.items():
-      self.assertEqual(shapes[module], leaves)
-    for name in ('batchnorm_0', 'batchnorm_1', 'batchnorm_2',
-                 'shortcut_batchnorm'):
-      self.assertEqual(set(shapes[block + name]), {'scale', 'offset'})
-      self.assertIn(block + name + '/~/mean_ema', state)
-    self.assertNotIn('res_net50/~/block_group_0/~/block_1/~/shortcut_conv',
-                     params)
-    self.assertLen([m for m in params if m.endswith('conv')
-                    or '/conv_' in m], 53)
-    self.assertLen([m for m in params if 'batchnorm' in m], 53)
-    self.assertLen(params, 106)
-
-  @parameterized.parameters(*KINDS)
-  def test_norm_parameters_are_named_for_the_weight_decay_mask(self, kind):
-    def forward(x):
-      emb = _tiny(kind, True, num_classes=None)(x, True)
-      return networks.MLP(16, 8, norm=kind, num_groups=4)(emb, True)
-    params, _ = _shapes(forward, _images(0))
-    tag = {'bn': 'batchnorm', 'gn': 'groupnorm', 'ln': 'layernorm',
-           'affine': 'affine', 'none': None}[kind]
-    norm_modules = 0
-    for module, leaves in params.items():
-      last = module.split('/')[-1]
-      if set(leaves) == {'scale', 'offset'}:
-        self.assertIn(tag, last)
-        norm_modules += 1
-      else:
-        self.assertNotIn('norm', module)
-        self.assertNotIn('affine', module)
-        self.assertIn(set(leaves), ({'w'}, {'w', 'b'}))
-    # Stem + 8 in blocks (2 per block) + 3 shortcuts + 1 in the MLP.
-    self.assertEqual(norm_modules, 0 if kind == 'none' else 13)
-    if kind == 'gn':
-      self.assertIn('res_net/~/initial_groupnorm', params)
-      self.assertIn('res_net/~/block_group_1/~/block_0/~/shortcut_groupnorm',
-                    params)
-      self.assertIn('mlp/groupnorm', params)
-
-  def test_embedding_sizes_and_logits(self):
-    def shapes(make, size=32):
-      return jax.eval_shape(
-          _transform(lambda x: make()(x, True)).apply,
-          *_shapes(lambda x: make()(x, True), jnp.zeros((2, size, size, 3))),
-          None, jnp.zeros((2, size, size, 3)))[0]
-    self.assertEqual(shapes(lambda: networks.ResNet50(width_multiplier=0.25)),
-                     jax.ShapeDtypeStruct((2, 512), jnp.float32))
-    self.assertEqual(
-        shapes(lambda: networks.ResNet18(width_multiplier=2.)).shape, (2, 1024))
-    self.assertEqual(
-        shapes(lambda: networks.ResNet34(num_classes=10, norm='gn')).shape,
-        (2, 10))
-    out = shapes(lambda: networks.resnet(
-        50, blocks_per_group=(1, 1, 1, 1), width_multiplier=0.25))
-    self.assertEqual(out.shape, (2, 512))
-
-  def test_resnet_helper(self):
-    # The fields of configs/byol.py's model.encoder, as they are given.
-    encoder_config = dict(depth=50, width_multiplier=1.0, stem='imagenet',
-                          blocks_per_group=(), zero_init_last_scale=False,
-                          norm='gn', weight_standardization=True,
-                          num_groups=16)
-    params, _ = _shapes(
-        lambda x: networks.resnet(**encoder_config, dtype='float32')(x, True),
-        jnp.zeros((1, 32, 32, 3)))
-    self.assertEqual(_num_params(params), 23_508_032)
-    self.assertIn('res_net50/~/block_group_3/~/block_2/~/groupnorm_2', params)
-    params, _ = _shapes(lambda x: networks.resnet(101, norm='gn')(x, True),
-                        jnp.zeros((1, 32, 32, 3)))
-    self.assertEqual(
-        len([m for m in params if m.startswith('res_net101/~/block_group_2/')
-             and m.endswith('conv_0')]), 23)
-    params, _ = _shapes(
-        lambda x: networks.resnet(18, blocks_per_group=(1, 2, 1, 1),
-                                  width_multiplier=0.125)(x, True),
-        jnp.zeros((1, 16, 16, 3)))
-    self.assertIn('res_net/~/block_group_1/~/block_1/~/conv_1', params)
-    self.assertNotIn('res_net/~/block_group_1/~/block_1/~/conv_2', params)
+def test_group_norm_on_features_matches_haiku():
+  x = _normal(3, (5, 24))
+  fast, ref, params = _apply_pair(
+      lambda: layers.GroupNorm(6, name='gn'),
+      lambda: hk.GroupNorm(6, eps=1e-5, name='gn'), x)
+  np.testing.assert_allclose(fast(params, x),
+                             ref(params, x), rtol=1e-5, atol=1e-5)
 
 
-class ErrorTest(parameterized.TestCase):
-
-  @parameterized.named_parameters(
-      ('gn_groups', dict(norm='gn', num_groups=16),
-       r'res_net/~/initial_groupnorm: num_groups=16 does not divide the 8 '
-       'channels'),
-      ('unknown_norm', dict(norm='batchnorm'),
-       "unknown norm 'batchnorm'; choose from bn, gn, ln, affine, none"),
-      ('unknown_stem', dict(stem='cifar'),
-       "res_net: unknown stem 'cifar'; choose from imagenet, small"),
-      ('zero_width', dict(width_multiplier=0.),
-       'res_net: width_multiplier must be positive, got 0.0'),
-      ('too_thin', dict(width_multiplier=0.001),
-       r'res_net/~/initial_conv: width_multiplier=0.001 leaves 0 of its 64 '
-       'channels'),
-      ('blocks', dict(blocks_per_group=(1, 1, 1)),
-       r'res_net: blocks_per_group must be 4 positive counts, got \(1, 1, 1\)'),
-  )
-  def test_impossible_configuration(self, overrides, message):
-    kwargs = dict(blocks_per_group=(1, 1, 1, 1), bottleneck=False,
-                  width_multiplier=0.125, stem='small')
-    kwargs.update(overrides)
-    with self.assertRaisesRegex(ValueError, message):
-      _shapes(lambda x: networks.ResNet(**kwargs)(x, True),
-              jnp.zeros((1, 16, 16, 3)))
-
-  def test_unknown_depth(self):
-    with self.assertRaisesRegex(
-        ValueError, 'unknown ResNet depth 20; choose from 18, 34, 50, 101, '
-        '152, 200'):
-      networks.resnet(20)
-
-  def test_mlp_groups_must_divide_hidden_size(self):
-    with self.assertRaisesRegex(
-        ValueError, 'mlp/groupnorm: num_groups=16 does not divide the 24 '
-        'channels'):
-      _shapes(lambda x: networks.MLP(24, 8, norm='gn')(x, True),
-              jnp.zeros((2, 5)))
+def test_one_group_is_layer_norm():
+  x = 3. * _normal(0, (2, 5, 5, 12)) - 1.
+  fast, ref, params = _apply_pair(
+      lambda: layers.GroupNorm(1, name='n'),
+      lambda: hk.LayerNorm(axis=(1, 2, 3), create_scale=True,
+                           create_offset=True, eps=1e-5, name='n'), x)
+  np.testing.assert_allclose(fast(params, x),
+                             ref(params, x), rtol=1e-5, atol=1e-5)
+  ln = hk.without_apply_rng(hk.transform(
+      lambda x: layers.make_norm('ln')('n')(x, True)))
+  np.testing.assert_allclose(ln.apply(params, x), ref(params, x),
+                             rtol=1e-5, atol=1e-5)
 
 
-class ZeroInitTest(parameterized.TestCase):
-
-  @parameterized.parameters('bn', 'gn', 'affine')
-  def test_block_starts_as_relu_of_shortcut(self, kind):
-    def forward(x):
-      norm = networks.make_norm(kind, num_groups=4)
-      conv = networks.make_conv(True)
-      projection = networks.ResidualBlock(
-          8, stride=2, bottleneck=True, use_projection=True, conv=conv,
-          norm=norm, zero_init_last_scale=True)
-      identity = networks.ResidualBlock(
-          8, stride=1, bottleneck=False, use_projection=False, conv=conv,
-          norm=norm, zero_init_last_scale=True)
-      out = projection(x, True)
-      shortcut = projection.shortcut_norm(projection.shortcut_conv(x), True)
-      return out, shortcut, identity(x[..., :8], True)
-    net = _transform(forward)
-    x = _normal(0, (2, 8, 8, 16))
-    params, state = _init(net, x)
-    (out, shortcut, same), _ = jax.jit(net.apply)(params, state, None, x)
-    self.assertEqual(out.shape, (2, 4, 4, 32))
-    self.assertGreater(float(jnp.mean(out > 0)), 0.3)
-    np.testing.assert_allclose(out, jax.nn.relu(shortcut), atol=1e-6)
-    np.testing.assert_allclose(same, jax.nn.relu(x[..., :8]), atol=1e-6)
-
-  def test_only_last_scale_of_each_block_is_zero(self):
-    net = _transform(
-        lambda x: _tiny('gn', zero_init_last_scale=True)(x, True))
-    params, _ = _init(net, _images(0))
-    zeros = sorted(m for m, p in params.items()
-                   if 'scale' in p and not np.any(p['scale']))
-    self.assertEqual(zeros, [f'res_net/~/block_group_{i}/~/block_0/~/'
-                             'groupnorm_1' for i in range(4)])
-    self.assertTrue(np.all(
-        params['res_net/~/block_group_0/~/block_0/~/groupnorm_0']['scale']
-        == 1.))
+def test_channel_groups_is_instance_norm():
+  x = _normal(0, (2, 4, 3, 6)) * 2. + 0.5
+  t = hk.without_apply_rng(hk.transform(
+      lambda x: layers.GroupNorm(6)(x)))
+  out = t.apply(_init(t, x), x)
+  xn = np.asarray(x, np.float64)
+  mean = xn.mean(axis=(1, 2), keepdims=True)
+  var = xn.var(axis=(1, 2), keepdims=True)
+  np.testing.assert_allclose(out, (xn - mean) / np.sqrt(var + 1e-5),
+                             rtol=1e-5, atol=1e-5)
 
 
-class DistributedTest(absltest.TestCase):
-
-  def _run(self, make_local, *make_pmapped):
-    """Embeddings (and states) under jit and under each pmapped variant."""
-    n = jax.local_device_count()
-    x = _images(0, batch=2 * n)
-    local = _transform(lambda x: make_local()(x, True))
-    params, state = _fill(local, x)
-    results = [jax.jit(local.apply)(params, state, None, x)]
-    for make in make_pmapped:
-      replicated = _transform(lambda x, make=make: make()(x, True))
-      out, new_state = jax.pmap(
-          replicated.apply, axis_name='i', in_axes=(None, None, None, 0))(
-              params, state, None, x.reshape((n, 2) + x.shape[1:]))
-      results.append((out.reshape((2 * n, -1)), new_state))
-    return results
-
-  def test_pmap_matches_jit(self):
-    (out, _), (out_p, _) = self._run(lambda: _tiny('gn', True),
-                                     lambda: _tiny('gn', True))
-    self.assertLess(_rel_err(out_p, out), 1e-5)
-
-  def test_cross_replica_batch_norm_matches_full_batch(self):
-    if jax.local_device_count() < 2:
-      self.skipTest('needs several devices (tests/conftest.py forces 4)')
-    (out, state), (out_p, state_p), (out_local, _) = self._run(
-        lambda: _tiny('bn'), lambda: _tiny('bn', cross_replica_axis='i'),
-        lambda: _tiny('bn'))
-    self.assertLess(_rel_err(out_p, out), 1e-5)
-    key = 'res_net/~/block_group_2/~/block_0/~/batchnorm_1/~/var_ema'
-    for device in (0, -1):
-      self.assertLess(
-          _rel_err(state_p[key]['average'][device], state[key]['average']),
-          1e-5)
-    # Per-device statistics would differ from the full batch's.
-    self.assertGreater(_rel_err(out_local, out), 1e-2)
+def test_affine_and_none():
+  x = _normal(0, (2, 3, 3, 4))
+  t = hk.without_apply_rng(hk.transform(
+      lambda x: layers.make_norm('affine')('affine')(x, True)))
+  params = _init(t, x)
+  assert jax.tree.map(jnp.shape, params) == {
+      'affine': {'scale': (4,), 'offset': (4,)}}
+  params = {'affine': {'scale': jnp.array([1., 2., 3., 4.]),
+                       'offset': jnp.array([0., 1., 0., -1.])}}
+  np.testing.assert_allclose(
+      t.apply(params, x),
+      x * params['affine']['scale'] + params['affine']['offset'], rtol=1e-6)
+  t = hk.without_apply_rng(hk.transform(
+      lambda x: layers.make_norm('none')('identity')(x, True)))
+  assert _init(t, x) == {}
+  np.testing.assert_array_equal(t.apply({}, x), x)
 
 
-class PrecisionTest(parameterized.TestCase):
-
-  @parameterized.named_parameters(('bn', 'bn', False), ('gn_ws', 'gn', True))
-  def test_bfloat16_tracks_float32(self, norm, ws):
-    f32 = _transform(lambda x: _tiny(norm, ws)(x, True))
-    bf16 = _transform(
-        lambda x: _tiny(norm, ws, dtype='bfloat16')(x, True))
-    x = _images(0)
-    params, state = _fill(f32, x)
-    params16, _ = _shapes(lambda x: _tiny(norm, ws, dtype='bfloat16')(x, True),
-                          x)
-    self.assertEqual(jax.tree.map(lambda a: (a.shape, a.dtype), params16),
-                     jax.tree.map(lambda a: (a.shape, a.dtype), params))
-    out, _ = jax.jit(f32.apply)(params, state, None, x)
-    out16, _ = jax.jit(bf16.apply)(params, state, None, x)
-    self.assertEqual(out16.dtype, jnp.float32)
-    # 12 bf16 convs, each rounding to 8 significant bits: a few percent.
-    self.assertLess(
-        float(jnp.linalg.norm(out16 - out) / jnp.linalg.norm(out)), 5e-2)
+def test_unknown_norm():
+  with pytest.raises(ValueError, match="unknown norm 'batch'; choose from "
+                     'bn, gn, ln, affine, none'):
+    layers.make_norm('batch')
 
 
-class MLPTest(absltest.TestCase):
-
-  def test_batch_norm_head(self):
-    net = _transform(
-        lambda x: networks.MLP(16, 4, name='projector')(x, True))
-    x = _normal(0, (6, 10)) * 3. + 2.
-    params, state = _init(net, x)
-    self.assertEqual(jax.tree.map(jnp.shape, params), {
-        'projector/linear': {'w': (10, 16), 'b': (16,)},
-        'projector/batchnorm': {'scale': (1, 16), 'offset': (1, 16)},
-        'projector/linear_1': {'w': (16, 4)},
-    })
-    self.assertIn('projector/batchnorm/~/mean_ema', state)
-    hidden = _transform(lambda x: networks.BatchNorm(
-        True, True, 0.9, name='bn')(x, True))
-    # The hidden layer is normalised over the batch: after BN each unit has
-    # batch mean 0 and variance ~1.
-    h = x @ params['projector/linear']['w'] + params['projector/linear']['b']
-    hp, hs = _init(hidden, h)
-    normed, _ = hidden.apply(hp, hs, None, h)
-    np.testing.assert_allclose(jnp.mean(normed, 0), 0., atol=1e-5)
-    np.testing.assert_allclose(jnp.var(normed, 0), 1., atol=1e-3)
-    out, _ = net.apply(params, state, None, x)
-    expected = (jax.nn.relu(normed) @ params['projector/linear_1']['w'])
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+def test_group_norm_groups_must_divide_channels():
+  t = hk.transform(lambda x: layers.GroupNorm(5, name='my_gn')(x))
+  with pytest.raises(ValueError, match='my_gn: num_groups=5 does not divide '
+                     'the 12 channels'):
+    t.init(None, jnp.zeros((1, 2, 2, 12)))
 
 
-if __name__ == '__main__':
-  absltest.main()
+@pytest.mark.parametrize('make,shape,axis', [
+    pytest.param(lambda: layers.WSConv2D(6, 3), (3, 3, 5, 6), (0, 1, 2),
+                 id='conv'),
+    pytest.param(lambda: layers.WSLinear(6), (20, 6), (0,), id='linear'),
+])
+def test_standardized_weight_statistics(make, shape, axis):
+  # Raw weights with a different mean and scale for each output unit.
+  rng = np.random.default_rng(0)
+  raw = jnp.asarray(rng.standard_normal(shape)
+                    * rng.uniform(0.5, 5., shape[-1:])
+                    + rng.uniform(-3., 3., shape[-1:]), jnp.float32)
+  t = hk.without_apply_rng(hk.transform(lambda: make().effective_weight(raw)))
+  w = t.apply({})
+  np.testing.assert_allclose(jnp.mean(w, axis=axis), 0., atol=1e-6)
+  # var = v / (v + 1e-4) with v >= 0.25.
+  np.testing.assert_allclose(jnp.var(w, axis=axis), 1., atol=1e-3)
+
+
+def test_standardization_of_constant_weight_is_finite():
+  t = hk.without_apply_rng(hk.transform(
+      lambda: layers.WSLinear(3).effective_weight(jnp.ones((4, 3)))))
+  np.testing.assert_array_equal(t.apply({}), np.zeros((4, 3)))
+
+
+def _net(ws, ws_eps=1e-4):
+  def forward(x):
+    emb = _tiny('gn', ws, ws_eps=ws_eps)(x, True)
+    proj = networks.MLP(16, 8, norm='gn', weight_standardization=ws,
+                        num_groups=4, ws_eps=ws_eps, name='projector')
+    return proj(emb, True)
+  return _transform(forward)
+
+
+def test_ws_adds_no_parameters():
+  x = _images(0)
+  p_ws, _ = jax.eval_shape(_net(True).init, jax.random.PRNGKey(0), x)
+  p_plain, _ = jax.eval_shape(_net(False).init, jax.random.PRNGKey(0),
+                              x)
+  assert jax.tree.map(jnp.shape, p_ws) == jax.tree.map(jnp.shape, p_plain)
+  assert _num_params(p_ws) == _num_params(p_plain)
+
+
+def test_invariant_to_raw_weight_affine_changes():
+  # The invariance is exact only as ws_eps -> 0: with the default 1e-4 and
+  # fan-in initialised weights (var ~ 1 / fan_in) eps is not negligible.
+  net = _net(True, ws_eps=1e-12)
+  x = _images(0)
+  params, state = _fill(net, x)
+
+  def distort(path, w):
+    if path[-1].key != 'w':
+      return w
+    shift = _normal(w.size, w.shape[-1:])
+    return 3.7 * w + shift
+  distorted = jax.tree_util.tree_map_with_path(distort, params)
+  assert _rel_err(distorted['projector/linear']['w'],
+                  params['projector/linear']['w']) > 1.
+  apply = jax.jit(net.apply)
+  out, _ = apply(params, state, None, x)
+  out_distorted, _ = apply(distorted, state, None, x)
+  assert _rel_err(out_distorted, out) < 1e-4
+
+
+def test_gradients_reach_raw_weights():
+  # One bottleneck block and a head: a whole ResNet's backward pass takes
+  # XLA's CPU backend over 10 s to compile, and adds nothing here.
+  def forward(x):
+    block = networks.ResidualBlock(
+        4, stride=2, bottleneck=True, use_projection=True,
+        conv=layers.make_conv(True), norm=layers.make_norm('gn',
+                                                               num_groups=2))
+    emb = jnp.mean(block(x, True), axis=(1, 2))
+    return networks.MLP(8, 4, norm='gn', weight_standardization=True,
+                        num_groups=2)(emb, True)
+  net = _transform(forward)
+  x = _normal(0, (4, 6, 6, 8))
+  params, state = _fill(net, x)
+  loss = lambda p: jnp.sum(jnp.sin(3. * net.apply(p, state, None, x)[0]))
+  grads = jax.jit(jax.grad(loss))(params)
+  weight_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
+                  if path[-1].key == 'w']
+  assert len(weight_grads) == 6  # 4 convs + 2 linear layers.
+  for g in weight_grads:
+    assert np.all(np.isfinite(g))
+    assert float(jnp.linalg.norm(g)) > 1e-6
+
+
+@pytest.mark.parametrize('norm', ('gn', 'ln', 'affine', 'none'))
+@pytest.mark.parametrize('ws', (False, True))
+def test_example_unaffected_by_rest_of_batch(norm, ws):
+  def forward(x):
+    emb = _tiny(norm, ws)(x, True)
+    return emb, networks.MLP(16, 8, norm=norm, weight_standardization=ws,
+                             num_groups=4)(emb, True)
+  net = _transform(forward)
+  x, others = _images(0), _images(1)
+  params, state = _fill(net, x)
+  apply = jax.jit(net.apply)
+  (emb_a, out_a), _ = apply(params, state, None, x)
+  # Same first example, different companions.
+  (emb_b, out_b), _ = apply(params, state, None, others.at[0].set(x[0]))
+  assert _rel_err(emb_b[0], emb_a[0]) < 1e-5
+  assert _rel_err(out_b[0], out_a[0]) < 1e-5
+  assert _rel_err(emb_b[1], emb_a[1]) > 1e-2
+
+
+def test_batch_norm_in_training_depends_on_batch():
+  net = _transform(lambda x: _tiny('bn')(x, True))
+  x, others = _images(0), _images(1)
+  params, state = _fill(net, x)
+  apply = jax.jit(net.apply)
+  emb_a, _ = apply(params, state, None, x)
+  emb_b, _ = apply(params, state, None, others.at[0].set(x[0]))
+  assert _rel_err(emb_b[0], emb_a[0]) > 1e-2
+
+
+@pytest.mark.parametrize('norm,ws', [
+    pytest.param('bn', False, id='bn'),
+    pytest.param('gn', False, id='gn'),
+    pytest.param('gn', True, id='gn_ws'),
+])
+def test_resnet50_parameter_count(norm, ws):
+  params, _ = _shapes(
+      lambda x: networks.ResNet50(norm=norm, weight_standardization=ws)(
+          x, True), jnp.zeros((1, 32, 32, 3)))
+  # torchvision's 25,557,032 less the 2048 x 1000 + 1000 classifier.
+  assert _num_params(params) == 23_508_032
+
+
+def test_resnet18_parameter_count():
+  params, _ = _shapes(lambda x: networks.ResNet18()(x, True),
+                      jnp.zeros((1, 32, 32, 3)))
+  assert _num_params(params) == 11_176_512
+
+
+@pytest.mark.parametrize('depth', sorted(networks.RESNET_DEPTHS))
+def test_depth_classes_are_resnets_named_as_deepminds(depth):
+  cls = getattr(networks, f'ResNet{depth}')
+  assert issubclass(cls, networks.ResNet) and cls.__name__ == f'ResNet{depth}'
+  params, _ = _shapes(
+      lambda x: cls(width_multiplier=0.125, norm='gn', num_groups=2)(x, True),
+      jnp.zeros((1, 32, 32, 3)))
+  blocks, bottleneck = networks.RESNET_DEPTHS[depth]
+  prefix = f'res_net{depth}/~/'
+  assert all(m.startswith(prefix) for m in params)
+  assert f'{prefix}initial_conv' in params
+  for group, count in enumerate(blocks):
+    convs = [m for m in params
+             if m.startswith(f'{prefix}block_group_{group}/~/block_')
+             and '/~/conv_' in m]
+    assert len(convs) == count * (3 if bottleneck else 2)
+    assert f'{prefix}block_group_{group}/~/block_{count - 1}/~/conv_0' in params
+
+
+def test_resnet50_names_follow_deepmind_layout():
+  params, state = _shapes(lambda x: networks.ResNet50()(x, True),
+                          jnp.zeros((1, 32, 32, 3)))
+  block = 'res_net50/~/block_group_0/~/block_0/~/'
+  expected = {
+      'res_net50/~/initial_conv': {'w': (7, 7, 3, 64)},
+      'res_net50/~/initial_batchnorm': {'scale': (1, 1, 1, 64),
+                                        'offset': (1, 1, 1, 64)},
+      block + 'conv_0': {'w': (1, 1, 64, 64)},
+      block + 'conv_1': {'w': (3, 3, 64, 64)},
+      block + 'conv_2': {'w': (1, 1, 64, 256)},
+      block + 'shortcut_conv': {'w': (1, 1, 64, 256)},
+      'res_net50/~/block_group_3/~/block_2/~/conv_2': {
+          'w': (1, 1, 512, 2048)},
+  }
+  shapes = jax.tree.map(lambda a: a.shape, params)
+  for module, leaves in expected.items():
+    assert shapes[module] == leaves
+  for name in ('batchnorm_0', 'batchnorm_1', 'batchnorm_2',
+               'shortcut_batchnorm'):
+    assert set(shapes[block + name]) == {'scale', 'offset'}
+    assert block + name + '/~/mean_ema' in state
+  assert 'res_net50/~/block_group_0/~/block_1/~/shortcut_conv' not in params
+  assert len([m for m in params if m.endswith('conv') or '/conv_' in m]) == 53
+  assert len([m for m in params if 'batchnorm' in m]) == 53
+  assert len(params) == 106
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_norm_parameters_are_named_for_the_weight_decay_mask(kind):
+  def forward(x):
+    emb = _tiny(kind, True, num_classes=None)(x, True)
+    return networks.MLP(16, 8, norm=kind, num_groups=4)(emb, True)
+  params, _ = _shapes(forward, _images(0))
+  tag = {'bn': 'batchnorm', 'gn': 'groupnorm', 'ln': 'layernorm',
+         'affine': 'affine', 'none': None}[kind]
+  norm_modules = 0
+  for module, leaves in params.items():
+    last = module.split('/')[-1]
+    if set(leaves) == {'scale', 'offset'}:
+      assert tag in last
+      norm_modules += 1
+    else:
+      assert 'norm' not in module
+      assert 'affine' not in module
+      assert set(leaves) in ({'w'}, {'w', 'b'})
+  # Stem + 8 in blocks (2 per block) + 3 shortcuts + 1 in the MLP.
+  assert norm_modules == 0 if kind == 'none' else 13
+  if kind == 'gn':
+    assert 'res_net/~/initial_groupnorm' in params
+    assert 'res_net/~/block_group_1/~/block_0/~/shortcut_groupnorm' in params
+    assert 'mlp/groupnorm' in params
+
+
+def test_embedding_sizes_and_logits():
+  def shapes(make, size=32):
+    return jax.eval_shape(
+        _transform(lambda x: make()(x, True)).apply,
+        *_shapes(lambda x: make()(x, True), jnp.zeros((2, size, size, 3))),
+        None, jnp.zeros((2, size, size, 3)))[0]
+  assert shapes(lambda: networks.ResNet50(width_multiplier=0.25)) == (
+      jax.ShapeDtypeStruct((2, 512), jnp.float32))
+  assert shapes(lambda: networks.ResNet18(width_multiplier=2.)).shape == (
+      2, 1024)
+  assert shapes(
+      lambda: networks.ResNet34(num_classes=10, norm='gn')).shape == (2, 10)
+  out = shapes(lambda: networks.resnet(
+      50, blocks_per_group=(1, 1, 1, 1), width_multiplier=0.25))
+  assert out.shape == (2, 512)
+
+
+def test_resnet_helper():
+  # The fields of configs/byol.py's model.encoder, as they are given.
+  encoder_config = dict(depth=50, width_multiplier=1.0, stem='imagenet',
+                        blocks_per_group=(), zero_init_last_scale=False,
+                        norm='gn', weight_standardization=True,
+                        num_groups=16)
+  params, _ = _shapes(
+      lambda x: networks.resnet(**encoder_config, dtype='float32')(x, True),
+      jnp.zeros((1, 32, 32, 3)))
+  assert _num_params(params) == 23_508_032
+  assert 'res_net50/~/block_group_3/~/block_2/~/groupnorm_2' in params
+  params, _ = _shapes(lambda x: networks.resnet(101, norm='gn')(x, True),
+                      jnp.zeros((1, 32, 32, 3)))
+  assert len([m for m in params if m.startswith('res_net101/~/block_group_2/')
+              and m.endswith('conv_0')]) == 23
+  params, _ = _shapes(
+      lambda x: networks.resnet(18, blocks_per_group=(1, 2, 1, 1),
+                                width_multiplier=0.125)(x, True),
+      jnp.zeros((1, 16, 16, 3)))
+  assert 'res_net/~/block_group_1/~/block_1/~/conv_1' in params
+  assert 'res_net/~/block_group_1/~/block_1/~/conv_2' not in params
+
+
+@pytest.mark.parametrize('overrides,message', [
+    pytest.param(dict(norm='gn', num_groups=16),
+                 r'res_net/~/initial_groupnorm: num_groups=16 does not divide '
+                 'the 8 channels', id='gn_groups'),
+    pytest.param(dict(norm='batchnorm'), "unknown norm 'batchnorm'; choose "
+                 'from bn, gn, ln, affine, none', id='unknown_norm'),
+    pytest.param(dict(stem='cifar'), "res_net: unknown stem 'cifar'; choose "
+                 'from imagenet, small', id='unknown_stem'),
+    pytest.param(dict(width_multiplier=0.),
+                 'res_net: width_multiplier must be positive, got 0.0',
+                 id='zero_width'),
+    pytest.param(dict(width_multiplier=0.001),
+                 r'res_net/~/initial_conv: width_multiplier=0.001 leaves 0 of '
+                 'its 64 channels', id='too_thin'),
+    pytest.param(dict(blocks_per_group=(1, 1, 1)),
+                 r'res_net: blocks_per_group must be 4 positive counts, got '
+                 r'\(1, 1, 1\)', id='blocks'),
+])
+def test_impossible_configuration(overrides, message):
+  kwargs = dict(blocks_per_group=(1, 1, 1, 1), bottleneck=False,
+                width_multiplier=0.125, stem='small')
+  kwargs.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    _shapes(lambda x: networks.ResNet(**kwargs)(x, True),
+            jnp.zeros((1, 16, 16, 3)))
+
+
+def test_unknown_depth():
+  with pytest.raises(ValueError, match='unknown ResNet depth 20; choose from '
+                     '18, 34, 50, 101, 152, 200'):
+    networks.resnet(20)
+
+
+def test_mlp_groups_must_divide_hidden_size():
+  with pytest.raises(ValueError, match='mlp/groupnorm: num_groups=16 does not '
+                     'divide the 24 channels'):
+    _shapes(lambda x: networks.MLP(24, 8, norm='gn')(x, True),
+            jnp.zeros((2, 5)))
+
+
+@pytest.mark.parametrize('kind', ['bn', 'gn', 'affine'])
+def test_block_starts_as_relu_of_shortcut(kind):
+  def forward(x):
+    norm = layers.make_norm(kind, num_groups=4)
+    conv = layers.make_conv(True)
+    projection = networks.ResidualBlock(
+        8, stride=2, bottleneck=True, use_projection=True, conv=conv,
+        norm=norm, zero_init_last_scale=True)
+    identity = networks.ResidualBlock(
+        8, stride=1, bottleneck=False, use_projection=False, conv=conv,
+        norm=norm, zero_init_last_scale=True)
+    out = projection(x, True)
+    shortcut = projection.shortcut_norm(projection.shortcut_conv(x), True)
+    return out, shortcut, identity(x[..., :8], True)
+  net = _transform(forward)
+  x = _normal(0, (2, 8, 8, 16))
+  params, state = _init(net, x)
+  (out, shortcut, same), _ = jax.jit(net.apply)(params, state, None, x)
+  assert out.shape == (2, 4, 4, 32)
+  assert float(jnp.mean(out > 0)) > 0.3
+  np.testing.assert_allclose(out, jax.nn.relu(shortcut), atol=1e-6)
+  np.testing.assert_allclose(same, jax.nn.relu(x[..., :8]), atol=1e-6)
+
+
+def test_only_last_scale_of_each_block_is_zero():
+  net = _transform(
+      lambda x: _tiny('gn', zero_init_last_scale=True)(x, True))
+  params, _ = _init(net, _images(0))
+  zeros = sorted(m for m, p in params.items()
+                 if 'scale' in p and not np.any(p['scale']))
+  assert zeros == [f'res_net/~/block_group_{i}/~/block_0/~/groupnorm_1'
+                   for i in range(4)]
+  assert np.all(
+      params['res_net/~/block_group_0/~/block_0/~/groupnorm_0']['scale'] == 1.)
+
+
+def _run(make_local, *make_pmapped):
+  """Embeddings (and states) under jit and under each pmapped variant."""
+  n = jax.local_device_count()
+  x = _images(0, batch=2 * n)
+  local = _transform(lambda x: make_local()(x, True))
+  params, state = _fill(local, x)
+  results = [jax.jit(local.apply)(params, state, None, x)]
+  for make in make_pmapped:
+    replicated = _transform(lambda x, make=make: make()(x, True))
+    out, new_state = jax.pmap(
+        replicated.apply, axis_name='i', in_axes=(None, None, None, 0))(
+            params, state, None, x.reshape((n, 2) + x.shape[1:]))
+    results.append((out.reshape((2 * n, -1)), new_state))
+  return results
+
+
+def test_pmap_matches_jit():
+  (out, _), (out_p, _) = _run(lambda: _tiny('gn', True),
+                                   lambda: _tiny('gn', True))
+  assert _rel_err(out_p, out) < 1e-5
+
+
+def test_cross_replica_batch_norm_matches_full_batch():
+  if jax.local_device_count() < 2:
+    pytest.skip('needs several devices (tests/conftest.py forces 4)')
+  (out, state), (out_p, state_p), (out_local, _) = _run(
+      lambda: _tiny('bn'), lambda: _tiny('bn', cross_replica_axis='i'),
+      lambda: _tiny('bn'))
+  assert _rel_err(out_p, out) < 1e-5
+  key = 'res_net/~/block_group_2/~/block_0/~/batchnorm_1/~/var_ema'
+  for device in (0, -1):
+    assert _rel_err(state_p[key]['average'][device],
+                    state[key]['average']) < 1e-5
+  # Per-device statistics would differ from the full batch's.
+  assert _rel_err(out_local, out) > 1e-2
+
+
+@pytest.mark.parametrize('norm,ws', [
+    pytest.param('bn', False, id='bn'),
+    pytest.param('gn', True, id='gn_ws'),
+])
+def test_bfloat16_tracks_float32(norm, ws):
+  f32 = _transform(lambda x: _tiny(norm, ws)(x, True))
+  bf16 = _transform(
+      lambda x: _tiny(norm, ws, dtype='bfloat16')(x, True))
+  x = _images(0)
+  params, state = _fill(f32, x)
+  params16, _ = _shapes(lambda x: _tiny(norm, ws, dtype='bfloat16')(x, True),
+                        x)
+  signature = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+  assert signature(params16) == signature(params)
+  out, _ = jax.jit(f32.apply)(params, state, None, x)
+  out16, _ = jax.jit(bf16.apply)(params, state, None, x)
+  assert out16.dtype == jnp.float32
+  # 12 bf16 convs, each rounding to 8 significant bits: a few percent.
+  assert float(jnp.linalg.norm(out16 - out) / jnp.linalg.norm(out)) < 5e-2
+
+
+def test_batch_norm_head():
+  net = _transform(
+      lambda x: networks.MLP(16, 4, name='projector')(x, True))
+  x = _normal(0, (6, 10)) * 3. + 2.
+  params, state = _init(net, x)
+  assert jax.tree.map(jnp.shape, params) == {
+      'projector/linear': {'w': (10, 16), 'b': (16,)},
+      'projector/batchnorm': {'scale': (1, 16), 'offset': (1, 16)},
+      'projector/linear_1': {'w': (16, 4)},
+  }
+  assert 'projector/batchnorm/~/mean_ema' in state
+  hidden = _transform(lambda x: layers.BatchNorm(
+      True, True, 0.9, name='bn')(x, True))
+  # The hidden layer is normalised over the batch: after BN each unit has
+  # batch mean 0 and variance ~1.
+  h = x @ params['projector/linear']['w'] + params['projector/linear']['b']
+  hp, hs = _init(hidden, h)
+  normed, _ = hidden.apply(hp, hs, None, h)
+  np.testing.assert_allclose(jnp.mean(normed, 0), 0., atol=1e-5)
+  np.testing.assert_allclose(jnp.var(normed, 0), 1., atol=1e-3)
+  out, _ = net.apply(params, state, None, x)
+  expected = (jax.nn.relu(normed) @ params['projector/linear_1']['w'])
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+

@@ -1,6 +1,5 @@
 """Tests of byol.optimizers: LARS against a NumPy reference, parameter masks."""
 
-from absl.testing import absltest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,112 +78,111 @@ def _max_abs_diff(a, b):
       a, b)))
 
 
-class LarsTest(absltest.TestCase):
-
-  def _lars(self):
-    return optimizers.lars(schedules.learning_rate_schedule(**_SCHEDULE),
-                           weight_decay=_WD, eta=_ETA, momentum=_MOMENTUM)
-
-  def test_matches_reference_with_changing_learning_rate(self):
-    num_steps = 5
-    ours = _run(self._lars(), _params(), num_steps)
-    reference = _reference_lars(_params(), num_steps)
-    for step, (a, b) in enumerate(zip(ours, reference)):
-      with self.subTest(step=step):
-        self.assertLess(_max_abs_diff(a, b), 1e-6)
-    # The parameters did move, by amounts far above the tolerance.
-    self.assertGreater(_max_abs_diff(ours[-1], _params()), 0.5)
-
-  def test_optax_lars_differs_when_learning_rate_changes(self):
-    # optax.lars multiplies by the learning rate before the momentum: the
-    # step-0 gradient (lr_0 = 0 in warmup) never enters its accumulator.
-    num_steps = 5
-    mask = optimizers.exclude_bias_and_norm
-    theirs = _run(optax.lars(schedules.learning_rate_schedule(**_SCHEDULE),
-                             weight_decay=_WD, weight_decay_mask=mask,
-                             trust_coefficient=_ETA, trust_ratio_mask=mask,
-                             eps=0., momentum=_MOMENTUM),
-                  _params(), num_steps)
-    reference = _reference_lars(_params(), num_steps)
-    self.assertGreater(_max_abs_diff(theirs[-1], reference[-1]), 0.1)
-
-  def test_optax_lars_agrees_with_constant_learning_rate(self):
-    # ...and only that: with a constant rate the two rules coincide.
-    mask = optimizers.exclude_bias_and_norm
-    ours = _run(optimizers.lars(0.5, weight_decay=_WD, eta=_ETA,
-                                momentum=_MOMENTUM), _params(), 3)
-    theirs = _run(optax.lars(0.5, weight_decay=_WD, weight_decay_mask=mask,
-                             trust_coefficient=_ETA, trust_ratio_mask=mask,
-                             eps=0., momentum=_MOMENTUM), _params(), 3)
-    self.assertLess(_max_abs_diff(ours[-1], theirs[-1]), 1e-6)
-
-  def test_zero_norm_param_gets_trust_one(self):
-    params = {'linear': {'w': np.zeros((2, 2), np.float32)}}
-    grads = {'linear': {'w': np.full((2, 2), 3., np.float32)}}
-    optimizer = optimizers.lars(0.1, weight_decay=_WD, eta=_ETA)
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    # Trust 1, no momentum yet: update = -lr * g.
-    np.testing.assert_allclose(updates['linear']['w'], -0.3, rtol=1e-6)
-
-  def test_zero_gradient_is_finite(self):
-    params = {'linear': {'w': np.ones((2, 2), np.float32)}}
-    grads = {'linear': {'w': np.zeros((2, 2), np.float32)}}
-    optimizer = optimizers.lars(0.1, weight_decay=0., eta=_ETA)
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    np.testing.assert_array_equal(updates['linear']['w'], 0.)
-
-  def test_schedule_read_from_optimizer_count(self):
-    optimizer = self._lars()
-    params = {'linear': {'b': np.zeros(1, np.float32)}}
-    grads = {'linear': {'b': np.ones(1, np.float32)}}
-    state = optimizer.init(params)
-    first, state = optimizer.update(grads, state, params)
-    second, state = optimizer.update(grads, state, params)
-    # Bias: no decay, no trust ratio. lr_0 = 0, lr_1 = 1/3, mu_1 = 1.9.
-    np.testing.assert_allclose(first['linear']['b'], 0., atol=1e-7)
-    np.testing.assert_allclose(second['linear']['b'], -1.9 / 3, rtol=1e-6)
+def _lars():
+  return optimizers.lars(schedules.learning_rate_schedule(**_SCHEDULE),
+                         weight_decay=_WD, eta=_ETA, momentum=_MOMENTUM)
 
 
-class MaskTest(absltest.TestCase):
-
-  def test_realistic_haiku_params(self):
-    w = jnp.zeros((1,))
-    params = {
-        'res_net50/~/initial_conv': {'w': w},
-        'res_net50/~/initial_batchnorm': {'scale': w, 'offset': w},
-        'res_net50/~/block_group_0/~/block_0/~/conv_0': {'w': w},
-        'res_net50/~/block_group_0/~/block_0/~/groupnorm_0': {'scale': w,
-                                                               'offset': w},
-        'res_net50/~/block_group_0/~/block_0/~/shortcut_conv': {'w': w},
-        'res_net50/~/block_group_0/~/block_0/~/shortcut_groupnorm': {
-            'scale': w, 'offset': w},
-        'res_net50/~/block_group_1/~/block_0/~/affine_2': {'scale': w,
-                                                           'offset': w},
-        'projector/~/linear_0': {'w': w, 'b': w},
-        'projector/~/layernorm_0': {'scale': w, 'offset': w},
-        'predictor/~/linear_1': {'w': w, 'b': w},
-        'classifier': {'w': w, 'b': w},
-    }
-    mask = optimizers.exclude_bias_and_norm(params)
-    included = sorted(f'{module}:{name}' for module, leaves in mask.items()
-                      for name, value in leaves.items() if value)
-    self.assertEqual(included, [
-        'classifier:w',
-        'predictor/~/linear_1:w',
-        'projector/~/linear_0:w',
-        'res_net50/~/block_group_0/~/block_0/~/conv_0:w',
-        'res_net50/~/block_group_0/~/block_0/~/shortcut_conv:w',
-        'res_net50/~/initial_conv:w',
-    ])
-    self.assertLen(jax.tree.leaves(mask), 19)
-
-  def test_training_state_shaped_tree(self):
-    # Masks also work on nested containers (paths with attribute keys).
-    params = {'online': {'mlp/~/batchnorm': {'scale': 1.}, 'mlp': {'w': 1.}}}
-    self.assertEqual(optimizers.exclude_bias_and_norm(params),
-                     {'online': {'mlp/~/batchnorm': {'scale': False},
-                                 'mlp': {'w': True}}})
+def test_matches_reference_with_changing_learning_rate():
+  num_steps = 5
+  ours = _run(_lars(), _params(), num_steps)
+  reference = _reference_lars(_params(), num_steps)
+  for step, (a, b) in enumerate(zip(ours, reference)):
+    assert _max_abs_diff(a, b) < 1e-6, step
+  # The parameters did move, by amounts far above the tolerance.
+  assert _max_abs_diff(ours[-1], _params()) > 0.5
 
 
-if __name__ == '__main__':
-  absltest.main()
+def test_optax_lars_differs_when_learning_rate_changes():
+  # optax.lars multiplies by the learning rate before the momentum: the
+  # step-0 gradient (lr_0 = 0 in warmup) never enters its accumulator.
+  num_steps = 5
+  mask = optimizers.exclude_bias_and_norm
+  theirs = _run(optax.lars(schedules.learning_rate_schedule(**_SCHEDULE),
+                           weight_decay=_WD, weight_decay_mask=mask,
+                           trust_coefficient=_ETA, trust_ratio_mask=mask,
+                           eps=0., momentum=_MOMENTUM),
+                _params(), num_steps)
+  reference = _reference_lars(_params(), num_steps)
+  assert _max_abs_diff(theirs[-1], reference[-1]) > 0.1
+
+
+def test_optax_lars_agrees_with_constant_learning_rate():
+  # ...and only that: with a constant rate the two rules coincide.
+  mask = optimizers.exclude_bias_and_norm
+  ours = _run(optimizers.lars(0.5, weight_decay=_WD, eta=_ETA,
+                              momentum=_MOMENTUM), _params(), 3)
+  theirs = _run(optax.lars(0.5, weight_decay=_WD, weight_decay_mask=mask,
+                           trust_coefficient=_ETA, trust_ratio_mask=mask,
+                           eps=0., momentum=_MOMENTUM), _params(), 3)
+  assert _max_abs_diff(ours[-1], theirs[-1]) < 1e-6
+
+
+def test_zero_norm_param_gets_trust_one():
+  params = {'linear': {'w': np.zeros((2, 2), np.float32)}}
+  grads = {'linear': {'w': np.full((2, 2), 3., np.float32)}}
+  optimizer = optimizers.lars(0.1, weight_decay=_WD, eta=_ETA)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  # Trust 1, no momentum yet: update = -lr * g.
+  np.testing.assert_allclose(updates['linear']['w'], -0.3, rtol=1e-6)
+
+
+def test_zero_gradient_is_finite():
+  params = {'linear': {'w': np.ones((2, 2), np.float32)}}
+  grads = {'linear': {'w': np.zeros((2, 2), np.float32)}}
+  optimizer = optimizers.lars(0.1, weight_decay=0., eta=_ETA)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  np.testing.assert_array_equal(updates['linear']['w'], 0.)
+
+
+def test_schedule_read_from_optimizer_count():
+  optimizer = _lars()
+  params = {'linear': {'b': np.zeros(1, np.float32)}}
+  grads = {'linear': {'b': np.ones(1, np.float32)}}
+  state = optimizer.init(params)
+  first, state = optimizer.update(grads, state, params)
+  second, state = optimizer.update(grads, state, params)
+  # Bias: no decay, no trust ratio. lr_0 = 0, lr_1 = 1/3, mu_1 = 1.9.
+  np.testing.assert_allclose(first['linear']['b'], 0., atol=1e-7)
+  np.testing.assert_allclose(second['linear']['b'], -1.9 / 3, rtol=1e-6)
+
+
+def test_realistic_haiku_params():
+  w = jnp.zeros((1,))
+  params = {
+      'res_net50/~/initial_conv': {'w': w},
+      'res_net50/~/initial_batchnorm': {'scale': w, 'offset': w},
+      'res_net50/~/block_group_0/~/block_0/~/conv_0': {'w': w},
+      'res_net50/~/block_group_0/~/block_0/~/groupnorm_0': {'scale': w,
+                                                             'offset': w},
+      'res_net50/~/block_group_0/~/block_0/~/shortcut_conv': {'w': w},
+      'res_net50/~/block_group_0/~/block_0/~/shortcut_groupnorm': {
+          'scale': w, 'offset': w},
+      'res_net50/~/block_group_1/~/block_0/~/affine_2': {'scale': w,
+                                                         'offset': w},
+      'projector/~/linear_0': {'w': w, 'b': w},
+      'projector/~/layernorm_0': {'scale': w, 'offset': w},
+      'predictor/~/linear_1': {'w': w, 'b': w},
+      'classifier': {'w': w, 'b': w},
+  }
+  mask = optimizers.exclude_bias_and_norm(params)
+  included = sorted(f'{module}:{name}' for module, leaves in mask.items()
+                    for name, value in leaves.items() if value)
+  assert included == [
+      'classifier:w',
+      'predictor/~/linear_1:w',
+      'projector/~/linear_0:w',
+      'res_net50/~/block_group_0/~/block_0/~/conv_0:w',
+      'res_net50/~/block_group_0/~/block_0/~/shortcut_conv:w',
+      'res_net50/~/initial_conv:w',
+  ]
+  assert len(jax.tree.leaves(mask)) == 19
+
+
+def test_training_state_shaped_tree():
+  # Masks also work on nested containers (paths with attribute keys).
+  params = {'online': {'mlp/~/batchnorm': {'scale': 1.}, 'mlp': {'w': 1.}}}
+  assert optimizers.exclude_bias_and_norm(params) == {
+      'online': {'mlp/~/batchnorm': {'scale': False}, 'mlp': {'w': True}}}
+
+

@@ -2,9 +2,10 @@
 
 End to end, with tiny `main.py` runs in subprocesses (`tiny_runs`): a run
 killed at any point and restarted with the same command ends bit-identical to
-an uninterrupted one; SIGTERM checkpoints and exits 143; a non-finite loss or
-parameter norm stops the run before anything is overwritten; a corrupt or
-mismatched checkpoint is one `error:` line with the workdir left as it was.
+an uninterrupted one; SIGTERM checkpoints and exits 143, Ctrl-C 130; a
+non-finite loss or parameter norm stops the run before anything is
+overwritten; a corrupt or mismatched checkpoint, a damaged config.json or
+metrics.jsonl is one `error:` line with the workdir left as it was.
 
 The first test's runs must follow one another, and so use one CPU core: the
 reference run (started in the background) and then the runs in damaged copies
@@ -78,6 +79,43 @@ def test_killed_then_preempted_run_ends_like_an_uninterrupted_one(
   assert [json.loads(l)['step'] for l in
           (workdir / 'metrics.jsonl').read_text().splitlines()] == [
               1, 2, 3, 4, 5, 6]
+
+
+def _ctrl_c(tmp_path_factory, tmp_path, times):
+  """A TINY run sent SIGINT `times` times once it has logged a step; returns
+  its workdir and its output, after asserting exit status 130."""
+  workdir = tmp_path / 'run'
+  log = tmp_path / 'run.log'
+  proc = tiny_runs.start(tmp_path_factory, TINY, workdir, log)
+  tiny_runs.wait_for(
+      lambda: re.search(r'\[train\] step [1-4]/6', log.read_text()), proc)
+  for _ in range(times):
+    proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
+  text = log.read_text()
+  assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text
+  return workdir, text
+
+
+def test_ctrl_c_checkpoints_the_step_reached_and_exits_130(tmp_path_factory,
+                                                         tmp_path):
+  workdir, text = _ctrl_c(tmp_path_factory, tmp_path, times=1)
+  saved = re.findall(r'interrupted: SIGINT: saved the checkpoint of step '
+                     r'(\d+); rerun the same command', text)
+  assert len(saved) == 1, text[-2000:]
+  # The step in flight was finished and checkpointed, not the one before.
+  logged = [int(s) for s in re.findall(r'\[train\] step (\d+)/6', text)]
+  assert 2 <= int(saved[0]) < 6 and int(saved[0]) >= max(logged)
+  assert _steps(workdir)[-1] == int(saved[0])
+  assert not (workdir / 'summary.json').exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path_factory,
+                                                          tmp_path):
+  _, text = _ctrl_c(tmp_path_factory, tmp_path, times=2)
+  # Whichever came first -- the loop's checkpoint or the second signal --
+  # the run says so in one line.
+  assert len(re.findall(r'^interrupted: ', text, re.M)) == 1, text[-2000:]
 
 
 _WRITER = textwrap.dedent('''
@@ -198,6 +236,42 @@ def _nan_parameter(workdir):
                    ".online_params['classifier']['w']", poison)
 
 
+def _broken_config_json(workdir):
+  (workdir / 'config.json').write_text('{broken')
+
+
+def _broken_checkpoint_index(workdir):
+  # The index member of the newest checkpoint is cut short; the arrays are
+  # intact.
+  path = workdir / 'checkpoints' / 'ckpt_6.npz'
+  with zipfile.ZipFile(path) as zf:
+    members = {name: zf.read(name) for name in zf.namelist()}
+  members['checkpoint.json'] = members['checkpoint.json'][:40]
+  with zipfile.ZipFile(path, 'w') as zf:
+    for name, data in members.items():
+      zf.writestr(name, data)
+
+
+def _resume_from_step_4(workdir):
+  # A resumed run reads metrics.jsonl to drop the records after step 4.
+  os.remove(workdir / 'checkpoints' / 'ckpt_6.npz')
+  os.remove(workdir / 'summary.json')
+
+
+def _garbled_metrics(workdir):
+  _resume_from_step_4(workdir)
+  path = workdir / 'metrics.jsonl'
+  lines = path.read_text().splitlines(keepends=True)
+  lines[2] = '{"step": 3, "loss": 4.1\x00\x00 garbage\n'
+  path.write_text(''.join(lines))
+
+
+def _binary_metrics(workdir):
+  _resume_from_step_4(workdir)
+  path = workdir / 'metrics.jsonl'
+  path.write_bytes(path.read_bytes()[:100] + b'\xff\xfe\x00\x81' * 8)
+
+
 WIDER = '--config.model.encoder.width_multiplier=0.25'
 EVAL = ['--config=configs/eval.py:local,fast']
 # name: (how a copy of the reference workdir is damaged, command, expected
@@ -212,6 +286,16 @@ BAD_WORKDIRS = {
         _other_architecture, TINY + [WIDER],
         ['ckpt_6.npz', 'does not match the model']),
     'eval_without_checkpoint': (_no_checkpoints, EVAL, ['no checkpoint']),
+    'broken_config_json': (_broken_config_json, TINY,
+                           ['config.json is not valid JSON', 'delete it']),
+    'broken_checkpoint_index': (
+        _broken_checkpoint_index, TINY,
+        ['ckpt_6.npz is corrupt', 'checkpoint.json', 'earlier checkpoint']),
+    'garbled_metrics': (_garbled_metrics, TINY,
+                        ['metrics.jsonl is garbled at line 3',
+                         'move it aside']),
+    'binary_metrics': (_binary_metrics, TINY,
+                       ['metrics.jsonl is not text', 'move it aside']),
 }
 DIVERGING = {
     'exploding_momentum': (_explode_momentum, TINY,

@@ -1,0 +1,356 @@
+"""The training loop: drives a `PretrainExperiment` from its start to its end.
+
+The role of DeepMind BYOL's `main_loop.train_loop`: the experiment
+(`byol/experiment.py`) holds the state and knows how to initialise, restore,
+advance and save it; this module owns everything around that -- the workdir
+(config check on resume, config.json, metrics.jsonl and TensorBoard events,
+summary.json), the progress line, the finiteness check before a checkpoint,
+and stopping cleanly on SIGTERM (preemption) or Ctrl-C.
+
+Workdir files are checked before anything is written, so bad input (a config
+that differs from the checkpointed run's, a damaged config.json or
+metrics.jsonl) leaves the workdir as it was.
+"""
+
+import itertools
+import json
+import os
+import signal
+import time
+from typing import Any, Dict, Iterator, Optional
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from byol import devices
+from byol import files
+from byol.errors import ConfigError, UserError
+
+def format_duration(seconds: float) -> str:
+  """'1h05m' or '4m07s': a duration for progress lines."""
+  seconds = int(max(0, seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+# Fields that may change when a run is resumed: they do not change its result.
+RESUMABLE_FIELDS = ('training.log_every_steps', 'training.checkpoint_every_steps',
+                    'training.keep_checkpoints')
+# Where the run runs, not what it computes: a preempted multi-host job may come
+# back on other hosts (another coordinator address), and every process has its
+# own process_id. Like the device count, the number of processes changes how
+# the global batch is split and which process reads which shard (so a resumed
+# run on another number of processes is a faithful continuation, though not a
+# bit-identical one).
+RESUMABLE_PREFIXES = ('distributed.',)
+
+
+def _flatten_config(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flatten_config(v, key + '.'))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_differences(old: dict, new: dict):
+  """Config fields (dotted) whose values differ, ignoring resumable ones."""
+  a, b = _flatten_config(old), _flatten_config(new)
+  keys = sorted(set(a) | set(b))
+  return [k for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
+          and not k.startswith(RESUMABLE_PREFIXES)]
+
+
+METRICS_REMEDY = ('move it aside to start a new log, or use another '
+                  '--workdir')
+
+
+def metrics_to_keep(path: str, step: int) -> Optional[list]:
+  """The lines of a metrics.jsonl to keep when resuming from `step`.
+
+  Records of steps after `step` (left by a run killed after its last
+  checkpoint) go, so that the resumed run's records replace them instead of
+  repeating them; so does a last line cut short by a kill mid-write.
+
+  Returns:
+    The lines to keep, or None when the file is absent or keeps every line
+    (it is then left untouched).
+
+  Raises:
+    UserError: the file cannot be read, or a line other than the last is not
+      a record: a damaged log, which a rewrite would silently shorten.
+  """
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.readlines()
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    raise UserError(f'cannot read {path}: {e.strerror or e}; '
+                    f'{METRICS_REMEDY}') from None
+  except UnicodeDecodeError:
+    raise UserError(f'{path} is not text (damaged?); {METRICS_REMEDY}'
+                    ) from None
+  keep = []
+  for number, line in enumerate(lines, 1):
+    try:
+      record_step = json.loads(line)['step']
+      if not isinstance(record_step, int):
+        raise TypeError(record_step)
+    except (ValueError, KeyError, TypeError, IndexError):
+      if number == len(lines) and not line.endswith('\n'):
+        continue  # cut short by a kill mid-write
+      raise UserError(f'{path} is garbled at line {number}; '
+                      f'{METRICS_REMEDY}') from None
+    if record_step <= step:
+      keep.append(line)
+  return None if len(keep) == len(lines) else keep
+
+
+class MetricsWriter:
+  """metrics.jsonl + TensorBoard events; a no-op on processes other than 0.
+
+  `keep`: the lines an existing metrics.jsonl is cut down to before new
+  records are appended (see `metrics_to_keep`); None leaves it as it is.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True,
+               keep: Optional[list] = None):
+    self.enabled = enabled
+    self._tb = None
+    if not enabled:
+      return
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if keep is not None:
+      files.write_text(path, ''.join(keep))
+    self._jsonl = open(path, 'a')
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tb = tf.summary.create_file_writer(workdir)
+    except Exception:  # pylint: disable=broad-except
+      self._tb = None  # TensorBoard is a convenience; metrics.jsonl is not.
+
+  def write(self, step: int, scalars: Dict[str, float]):
+    if not self.enabled:
+      return
+    record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      with self._tb.as_default():
+        for k, v in scalars.items():
+          tf.summary.scalar(k, float(v), step=int(step))
+      self._tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+class Preempted(Exception):
+  """Raised after a checkpoint was written in answer to SIGTERM or SIGINT.
+
+  Attributes:
+    signum: the signal that stopped the run.
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+  @property
+  def exit_status(self) -> int:
+    """The shell's convention for a process ended by `signum`: 128 + signum."""
+    return 128 + self.signum
+
+
+class StopSignals:
+  """Notes SIGTERM and SIGINT (Ctrl-C) so the loop can stop between steps.
+
+  A context manager: inside it, the first of these signals only sets
+  `signum`; the loop finishes the step in flight, checkpoints it and stops.
+  A second Ctrl-C is a user who will not wait: it raises `KeyboardInterrupt`
+  at once, as Python does by default. The previous handlers come back on
+  exit.
+
+  With several processes, the handlers are not installed: JAX's preemption
+  service (started by jax.distributed.initialize) catches SIGTERM on any
+  process and makes all of them agree on the step at which to stop, and a
+  Python handler would displace its own; Ctrl-C then stops at once.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, install: bool = True):
+    self.signum = None
+    self._install = install
+    self._previous = {}
+
+  def __enter__(self):
+    if self._install:
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._note)
+    return self
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def _note(self, signum, frame):  # pylint: disable=unused-argument
+    if self.signum is None:
+      self.signum = signum
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+
+
+class NonFiniteLossError(Exception):
+  """The loss is NaN or infinite; training stopped before a bad checkpoint."""
+
+
+def check_workdir(workdir: str, config, has_checkpoint: bool) -> None:
+  """Raises `UserError` when the workdir's config.json forbids this run.
+
+  A damaged config.json is refused whether or not a checkpoint exists; a
+  readable one must match `config` (up to `RESUMABLE_FIELDS`) when the run
+  would resume from a checkpoint.
+  """
+  path = os.path.join(workdir, 'config.json')
+  try:
+    old = files.read_json(
+        path, 'restore it, delete it to resume with the config of this '
+        'command, or use another --workdir')
+  except FileNotFoundError:
+    return
+  if not isinstance(old, dict):
+    raise ConfigError(f'{path} does not hold a config; delete it to resume '
+                      'with the config of this command, or use another '
+                      '--workdir')
+  if has_checkpoint:
+    diff = config_differences(old, json.loads(config.to_json_best_effort()))
+    if diff:
+      raise ConfigError(
+          f'workdir {workdir} holds a run with a different config '
+          f'({", ".join(diff[:5])}); use another --workdir')
+
+
+def train(exp) -> Dict[str, Any]:
+  """Runs (or resumes) pretraining to the end; returns the summary.
+
+  Args:
+    exp: a `PretrainExperiment` (or anything with its `config`, `workdir`,
+      `print`, `is_chief`, `total_steps`, `checkpointer`, `restore_or_init`,
+      `input`, `step`, `save` and `summary`).
+
+  Raises:
+    Preempted: after SIGTERM or Ctrl-C, once the step reached is saved.
+    NonFiniteLossError: the loss or the parameters stopped being finite.
+    UserError: the workdir or the dataset cannot be used.
+  """
+  check_workdir(exp.workdir, exp.config,
+                exp.checkpointer.latest_step() is not None)
+  start = exp.restore_or_init()
+  inputs = iter(())
+  if start < exp.total_steps:
+    # The first batch is read before anything is written, so that a missing
+    # or unreadable dataset leaves the workdir as it was.
+    inputs = exp.input(start)
+    inputs = itertools.chain([next(inputs)], inputs)
+  metrics_path = os.path.join(exp.workdir, 'metrics.jsonl')
+  keep = metrics_to_keep(metrics_path, start) if exp.is_chief else None
+  # Nothing is written before this point.
+  if exp.is_chief:
+    files.write_text(os.path.join(exp.workdir, 'config.json'),
+                     exp.config.to_json_best_effort(indent=2, sort_keys=True))
+  writer = MetricsWriter(exp.workdir, enabled=exp.is_chief, keep=keep)
+  try:
+    with StopSignals(install=jax.process_count() == 1) as signals:
+      summary = _loop(exp, start, inputs, writer, signals)
+  finally:
+    writer.close()
+  if exp.is_chief:
+    files.write_json(os.path.join(exp.workdir, 'summary.json'), summary)
+  return summary
+
+
+def _stop_signal(signals: StopSignals, step: int) -> Optional[int]:
+  """The signal after which the run must checkpoint `step` and stop."""
+  if jax.process_count() == 1:
+    return signals.signum
+  try:
+    if multihost_utils.reached_preemption_sync_point(step):
+      return signal.SIGTERM
+  except RuntimeError:  # jax_enable_preemption_service is off
+    pass
+  return None
+
+
+def check_finite(scalars, step: int, checkpointer) -> None:
+  """Raises `NonFiniteLossError` when the loss or the parameters' norm is not
+  finite. Called before any checkpoint is written, so that a checkpoint never
+  holds non-finite parameters."""
+  for name, what in (('loss', 'the loss'),
+                     ('param_norm', "the parameters' norm")):
+    if not np.isfinite(scalars[name]):
+      last = checkpointer.latest_step()
+      kept = (f'the last good checkpoint (step {last}) is kept in '
+              f'{checkpointer.directory}' if last is not None
+              else 'no checkpoint was written')
+      raise NonFiniteLossError(
+          f'{what} became {scalars[name]} by step {step}; {kept}')
+
+
+def _loop(exp, start: int, inputs: Iterator, writer: MetricsWriter,
+          signals: StopSignals) -> Dict[str, Any]:
+  c = exp.config.training
+  total = exp.total_steps
+  global_batch = c.batch_size
+  exp.print(f'[train] {exp.config.method} on {exp.config.data.dataset}: '
+            f'{total} steps of {global_batch} images, '
+            f'{jax.device_count()} device(s), from step {start}')
+  t_start = t_last = time.time()
+  last_step = start
+  logs = None
+  for step in range(start, total):
+    logs = exp.step(next(inputs), step)
+    done = step + 1
+    is_log = done % c.log_every_steps == 0 or done == total
+    is_ckpt = done % c.checkpoint_every_steps == 0 or done == total
+    stop = _stop_signal(signals, done)
+    if is_log or is_ckpt or stop:
+      scalars = devices.unreplicate(logs)
+      check_finite(scalars, done, exp.checkpointer)
+    if is_log:
+      now = time.time()
+      rate = (done - last_step) * global_batch / max(now - t_last, 1e-9)
+      t_last, last_step = now, done
+      scalars = {k: float(v) for k, v in scalars.items()}
+      scalars['images_per_sec'] = rate
+      writer.write(done, scalars)
+      eta = (total - done) * global_batch / max(rate, 1e-9)
+      exp.print(f'[train] step {done}/{total}  loss {scalars["loss"]:.4f}  '
+                f'top1 {scalars["top1_accuracy"]:.3f}  '
+                f'proj_std {scalars["proj_std"]:.4f}  '
+                f'{rate:.0f} img/s  ETA {format_duration(eta)}')
+    if is_ckpt or stop:
+      exp.save(done)
+    if stop and done < total:
+      raise Preempted(f'{signal.Signals(stop).name}: saved the checkpoint '
+                      f'of step {done}; rerun the same command to resume',
+                      stop)
+  summary = dict(exp.summary(), total_steps=total,
+                 wall_time_sec=time.time() - t_start)
+  if logs is not None:
+    summary.update(
+        {k: float(v) for k, v in devices.unreplicate(logs).items()})
+  return summary
