@@ -230,12 +230,22 @@ def augmented_batch(config: ml_collections.ConfigDict, batch_size: int, *,
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
                    warmup: int) -> optax.GradientTransformation:
+  """LARS with the run's schedule, masks and per-component rate multiplier."""
   t = config.training
   lr = schedules.learning_rate_schedule(
       base_lr=t.base_lr, batch_size=t.batch_size, total_steps=total_steps,
       warmup_steps=warmup)
-  return optimizers.lars(lr, weight_decay=t.weight_decay, eta=t.lars_eta,
-                         momentum=t.momentum)
+  dm_rule = optimizers.exclude_bias_and_norm
+  optimizer = optimizers.lars(
+      lr, weight_decay=t.weight_decay, eta=t.lars_eta, momentum=t.momentum,
+      weight_decay_mask_fn=(optimizers.include_all
+                            if t.weight_decay_on_norm_and_bias else dm_rule),
+      trust_ratio_mask_fn=(optimizers.include_all
+                           if t.trust_ratio_on_norm_and_bias else dm_rule))
+  if t.predictor_lr_multiplier != 1.0:
+    optimizer = optax.chain(optimizer, optimizers.scale_where(
+        t.predictor_lr_multiplier, lambda path: "'predictor/" in path))
+  return optimizer
 
 
 

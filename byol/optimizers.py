@@ -9,7 +9,7 @@ The update of one parameter tensor p with gradient g at step t is
   p    <- p - lr_t * mu
 
 with biases and every normalization parameter excluded from both weight decay
-and the trust ratio.
+and the trust ratio (DeepMind's rule; each exclusion can be switched off).
 
 Why not `optax.lars`: it applies the learning rate *before* the momentum
 accumulator (mu <- m * mu + lr_t * trust * g; update = -mu), whereas the rule
@@ -65,8 +65,14 @@ def exclude_bias_and_norm(params):
   return jax.tree_util.tree_map_with_path(included, params)
 
 
+def include_all(params):
+  """A mask that subjects every parameter to weight decay / the trust ratio."""
+  return jax.tree.map(lambda _: True, params)
+
+
 def lars(learning_rate, *, weight_decay=0., eta=1e-3, momentum=0.9,
-         mask_fn=exclude_bias_and_norm):
+         mask_fn=exclude_bias_and_norm, weight_decay_mask_fn=None,
+         trust_ratio_mask_fn=None):
   """LARS with the learning rate applied after momentum (DeepMind's rule).
 
   Args:
@@ -78,19 +84,44 @@ def lars(learning_rate, *, weight_decay=0., eta=1e-3, momentum=0.9,
     momentum: the heavy-ball momentum coefficient.
     mask_fn: params -> pytree of bools, True where weight decay and the trust
       ratio apply; None applies them everywhere.
+    weight_decay_mask_fn: overrides `mask_fn` for weight decay alone.
+    trust_ratio_mask_fn: overrides `mask_fn` for the trust ratio alone.
 
   Returns:
-    An `optax.GradientTransformation`.
+    An `optax.GradientTransformation`. Its state has the same structure
+    whatever the masks, so checkpoints do not depend on them.
   """
-  def masked(transform):
-    return transform if mask_fn is None else optax.masked(transform, mask_fn)
-
+  mask_fn = mask_fn or include_all
+  wd_mask = weight_decay_mask_fn or mask_fn
+  trust_mask = trust_ratio_mask_fn or mask_fn
   return optax.chain(
-      masked(optax.add_decayed_weights(weight_decay)),
+      optax.masked(optax.add_decayed_weights(weight_decay), wd_mask),
       # optax's trust ratio is trust_coefficient * ||p|| / ||g||, set to 1
       # when either norm is 0: exactly the rule above with eta.
-      masked(optax.scale_by_trust_ratio(trust_coefficient=eta)),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta),
+                   trust_mask),
       optax.trace(decay=momentum),
       # Last, so that the step size multiplies the accumulated momentum.
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def scale_where(factor, predicate):
+  """Multiplies the updates of the parameters whose path satisfies `predicate`.
+
+  Chained after `lars`, this multiplies those parameters' learning rate by
+  `factor` (the learning rate is LARS' last factor). Stateless.
+
+  Args:
+    factor: the multiplier.
+    predicate: `str -> bool` on a leaf's key path (`jax.tree_util.keystr`),
+      e.g. `lambda path: 'predictor' in path`.
+  """
+  def update(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: u * factor if predicate(jax.tree_util.keystr(path))
+        else u, updates)
+    return scaled, state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)

@@ -139,6 +139,13 @@ def get_config(arg=None):
   c.training.weight_decay = weight_decay
   c.training.lars_eta = 1e-3
   c.training.momentum = 0.9
+  # DeepMind's rule: biases and normalization parameters get neither weight
+  # decay nor the LARS trust ratio (they move at the raw learning rate).
+  c.training.weight_decay_on_norm_and_bias = False
+  c.training.trust_ratio_on_norm_and_bias = False
+  # The predictor's learning rate over the rest's (BYOL, Grill et al. 2020,
+  # section 5: a faster predictor keeps it near-optimal).
+  c.training.predictor_lr_multiplier = 1.0
   c.training.tau_base = tau_base
   c.training.temperature = 0.1  # SimCLR only
   c.training.accumulation_steps = 1
