@@ -160,7 +160,7 @@ def probe_report(exp, workdir: str, printer=print, max_train_examples: int = -1,
     initial_state: the unreplicated initial TrainState (default: rebuilt
       with `exp.initial_state()`).
     trained_state: the unreplicated TrainState to probe as "trained"
-      (default: `exp.state`, the end of `exp.train()`).
+      (default: `exp.state`, the end of `train_loop.train(exp)`).
   """
   c = exp.config
   probe = probe_lib.ProbeEvaluator(

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional
 
 import haiku as hk
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -32,6 +33,8 @@ from byol import bn_init
 from byol import checkpointing
 from byol import dataset as dataset_lib
 from byol import devices
+from byol import diagnostics
+from byol import inference
 from byol import losses
 from byol import networks
 from byol import optimizers
@@ -250,20 +253,6 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
 
 
 
-def projection_std(projection: jax.Array, axis_name: Optional[str]):
-  """Std over the (global) batch of L2-normalised projections, dim-averaged.
-
-  About 1/sqrt(d) for a healthy representation, 0 for a collapsed one; with
-  `axis_name` the batch spans every device of the pmap.
-  """
-  z = projection.astype(jnp.float32)
-  z = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, -1, keepdims=True), 1e-12))
-  mean, mean_sq = jnp.mean(z, 0), jnp.mean(z * z, 0)
-  if axis_name is not None:
-    mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
-  return jnp.mean(jnp.sqrt(jnp.maximum(mean_sq - mean * mean, 0.0)))
-
-
 def views_forward(forward: hk.TransformedWithState, params, state, rng,
                   view1, view2, *, one_pass: bool):
   """Both views through the network: (out1, out2, new state).
@@ -318,7 +307,7 @@ def loss_fn(online_params, online_state, target_params, target_state, rng,
   loss = repr_loss + classif_loss
   logs = dict(loss=loss, repr_loss=repr_loss, classif_loss=classif_loss,
               top1_accuracy=top1,
-              proj_std=projection_std(out1['projection'], axis_name))
+              proj_std=diagnostics.proj_std(out1['projection'], axis_name))
   return loss, (online_state, target_state, logs)
 
 
@@ -554,6 +543,10 @@ class PretrainExperiment:
     self._base_rng = jax.random.PRNGKey(config.seed + 1)
     # The replicated TrainState; set by `restore_or_init`, advanced by `step`.
     self.state = None
+    # Built on first use by `evaluate` and `diagnostics`.
+    self._classify = None
+    self._fixed_batch = None
+    self._diagnose = None
 
 
   def _sample_images(self):
@@ -619,6 +612,61 @@ class PretrainExperiment:
     rng = devices.replicate(jax.random.fold_in(self._base_rng, step))
     self.state, logs = self._update(self.state, batch, rng)
     return logs
+
+  def evaluate(self) -> Dict[str, float]:
+    """The online classifier's TEST accuracy, over every TEST example once.
+
+    DeepMind's `evaluate`: the linear classifier trained online on
+    stop_gradient(embedding) reads the online network in inference mode.
+    """
+    c = self.config
+    if self._classify is None:
+      forward = make_forward(c, self.num_classes, axis_name=None)
+      normalize = functools.partial(dataset_lib.normalize,
+                                    dataset=c.data.dataset)
+      self._classify = lambda p, s, x: forward.apply(
+          p, s, None, normalize(x), False)[0]['logits']
+    params, state = devices.unreplicate(
+        (self.state.online_params, self.state.online_state))
+    logits, labels = inference.extract_features(
+        self._classify, params, state, dataset=c.data.dataset,
+        split=dataset_lib.Split.TEST, image_size=c.data.image_size,
+        batch_size=c.training.eval_batch_size,
+        data_dir=c.data.data_dir or None)
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    counts = np.array([np.sum(top5[:, 0] == labels),
+                       np.sum(np.any(top5 == labels[:, None], axis=-1)),
+                       len(labels)], np.float64)
+    if jax.process_count() > 1:  # each process read its own shard
+      counts = multihost_utils.process_allgather(counts).sum(0)
+    return {'eval_top1_accuracy': counts[0] / counts[2],
+            'eval_top5_accuracy': counts[1] / counts[2]}
+
+  def diagnostics(self) -> Dict[str, float]:
+    """Collapse measures of the online network on a fixed batch.
+
+    The batch: the first `training.diagnostics_batch_size` images of the
+    training set, centre-cropped, unaugmented, the same at every call and on
+    every process. See `byol.diagnostics`.
+    """
+    c = self.config
+    if self._fixed_batch is None:
+      n = self.local_devices
+      per_device = max(1, c.training.diagnostics_batch_size // n)
+      batch = next(dataset_lib.load(
+          dataset_lib.Split.TRAIN_AND_VALID,
+          preprocess_mode=dataset_lib.PreprocessMode.EVAL,
+          batch_dims=[n, per_device], dataset=c.data.dataset,
+          image_size=c.data.image_size, data_dir=c.data.data_dir or None,
+          process_index=0, process_count=1))
+      self._fixed_batch = jax.device_put(
+          dataset_lib.normalize(batch['images'], dataset=c.data.dataset),
+          devices.local_mesh_sharding())
+      self._diagnose = jax.pmap(
+          diagnostics.make_diagnostics_fn(self.forward, AXIS), axis_name=AXIS)
+    features = self._diagnose(self.state.online_params,
+                              self.state.online_state, self._fixed_batch)
+    return diagnostics.summarize(devices.unreplicate(features))
 
   def save(self, step: int) -> None:
     """Checkpoints the current state as that of `step`."""

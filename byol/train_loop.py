@@ -37,7 +37,9 @@ def format_duration(seconds: float) -> str:
 
 # Fields that may change when a run is resumed: they do not change its result.
 RESUMABLE_FIELDS = ('training.log_every_steps', 'training.checkpoint_every_steps',
-                    'training.keep_checkpoints')
+                    'training.keep_checkpoints', 'training.eval_every_steps',
+                    'training.eval_batch_size',
+                    'training.diagnostics_batch_size')
 # Where the run runs, not what it computes: a preempted multi-host job may come
 # back on other hosts (another coordinator address), and every process has its
 # own process_id. Like the device count, the number of processes changes how
@@ -295,6 +297,26 @@ def _stop_signal(signals: StopSignals, step: int) -> Optional[int]:
   return None
 
 
+def progress_line(method: str, step: int, total: int, scalars: Dict[str, float],
+                  rate: float, eta: float) -> str:
+  """One line of training progress: the losses apart, collapse, speed, ETA.
+
+  The representation loss is shown on its own: the online classifier's
+  cross-entropy (~2.3 on ten classes) would otherwise hide it.
+  """
+  parts = [f'[train] step {step}/{total}',
+           f'{"byol" if method == "byol" else "nt_xent"} '
+           f'{scalars["repr_loss"]:.4f}',
+           f'classif {scalars["classif_loss"]:.3f}',
+           f'proj_std {scalars["proj_std"]:.4f}']
+  if 'rankme_proj' in scalars:
+    parts.append(f'rankme {scalars["rankme_proj"]:.1f}')
+  if 'eval_top1_accuracy' in scalars:
+    parts.append(f'test top1 {scalars["eval_top1_accuracy"]:.3f}')
+  parts.append(f'{rate:.0f} img/s  ETA {format_duration(eta)}')
+  return '  '.join(parts)
+
+
 def check_finite(scalars, step: int, checkpointer) -> None:
   """Raises `NonFiniteLossError` when the loss or the parameters' norm is not
   finite. Called before any checkpoint is written, so that a checkpoint never
@@ -324,7 +346,9 @@ def _loop(exp, start: int, inputs: Iterator, writer: MetricsWriter,
   for step in range(start, total):
     logs = exp.step(next(inputs), step)
     done = step + 1
-    is_log = done % c.log_every_steps == 0 or done == total
+    is_eval = c.eval_every_steps > 0 and (done % c.eval_every_steps == 0
+                                          or done == total)
+    is_log = done % c.log_every_steps == 0 or done == total or is_eval
     is_ckpt = done % c.checkpoint_every_steps == 0 or done == total
     stop = _stop_signal(signals, done)
     if is_log or is_ckpt or stop:
@@ -333,15 +357,18 @@ def _loop(exp, start: int, inputs: Iterator, writer: MetricsWriter,
     if is_log:
       now = time.time()
       rate = (done - last_step) * global_batch / max(now - t_last, 1e-9)
-      t_last, last_step = now, done
       scalars = {k: float(v) for k, v in scalars.items()}
       scalars['images_per_sec'] = rate
+      if c.diagnostics_batch_size > 0:
+        scalars.update(exp.diagnostics())
+      if is_eval:
+        scalars.update(exp.evaluate())
       writer.write(done, scalars)
       eta = (total - done) * global_batch / max(rate, 1e-9)
-      exp.print(f'[train] step {done}/{total}  loss {scalars["loss"]:.4f}  '
-                f'top1 {scalars["top1_accuracy"]:.3f}  '
-                f'proj_std {scalars["proj_std"]:.4f}  '
-                f'{rate:.0f} img/s  ETA {format_duration(eta)}')
+      exp.print(progress_line(exp.config.method, done, total, scalars, rate,
+                              eta))
+      # The rate counts training steps only, not the time spent measuring.
+      t_last, last_step = time.time(), done
     if is_ckpt or stop:
       exp.save(done)
     if stop and done < total:

@@ -150,6 +150,12 @@ def get_config(arg=None):
   c.training.temperature = 0.1  # SimCLR only
   c.training.accumulation_steps = 1
   c.training.log_every_steps = 100
+  # The online classifier's TEST accuracy every N steps and at the end (0: never).
+  c.training.eval_every_steps = 5000
+  c.training.eval_batch_size = 1000  # over this process's devices
+  # Collapse diagnostics (byol/diagnostics.py) at every logging step, on a
+  # fixed batch of this many unaugmented training images (0: off).
+  c.training.diagnostics_batch_size = 512
   c.training.checkpoint_every_steps = 1000
   c.training.keep_checkpoints = 3
   c.training.deterministic_input = False
@@ -194,5 +200,6 @@ def _local(c):
   c.training.weight_decay = 1e-6
   c.training.tau_base = 0.99
   c.training.log_every_steps = 20
+  c.training.eval_every_steps = 120
   c.training.checkpoint_every_steps = 200
   c.training.deterministic_input = True

@@ -18,6 +18,7 @@ from byol import checkpointing
 from byol import dm_checkpoint
 from byol import eval_experiment
 from byol import experiment
+from byol import train_loop
 from byol.evaluation import features
 from configs import byol as byol_config
 from configs import eval as eval_config
@@ -197,8 +198,8 @@ def test_small_resnet_imports_evaluates_and_resumes(imported, small_config):
 
   # Pretraining resumes from the imported step and runs to the end.
   out = []
-  summary = experiment.PretrainExperiment(small_config, workdir,
-                                          printer=out.append).train()
+  summary = train_loop.train(experiment.PretrainExperiment(
+      small_config, workdir, printer=out.append))
   assert any(f'resuming from the checkpoint of step {SMALL_STEP}' in l
              for l in out), out
   assert summary['step'] == SMALL_STEP + 2

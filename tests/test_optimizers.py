@@ -186,3 +186,85 @@ def test_training_state_shaped_tree():
       'online': {'mlp/~/batchnorm': {'scale': False}, 'mlp': {'w': True}}}
 
 
+
+
+def _head_params():
+  return {
+      'projector/linear': {'w': jnp.full((3, 2), 0.5), 'b': jnp.ones(2)},
+      'projector/groupnorm': {'scale': jnp.full(2, 2.0),
+                              'offset': jnp.zeros(2) + 0.1},
+      'predictor/linear': {'w': jnp.full((2, 2), -0.25), 'b': jnp.ones(2)},
+  }
+
+
+def _one_update(optimizer, params, grads):
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  return updates
+
+
+def test_trust_ratio_on_norm_and_bias_scales_them_like_weights():
+  params = _head_params()
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
+  lr, eta = 0.5, 1e-3
+  dm = _one_update(optimizers.lars(lr, eta=eta), params, grads)
+  all_in = _one_update(optimizers.lars(
+      lr, eta=eta, trust_ratio_mask_fn=optimizers.include_all), params, grads)
+  scale = params['projector/groupnorm']['scale']
+  # DeepMind's rule: the norm scale moves at the raw rate: -lr * g.
+  np.testing.assert_allclose(dm['projector/groupnorm']['scale'], -1.5)
+  # Inside the trust ratio: -lr * eta * ||p|| / ||g|| * g.
+  want = -lr * eta * float(jnp.linalg.norm(scale)) / float(
+      jnp.linalg.norm(grads['projector/groupnorm']['scale'])) * 3.0
+  np.testing.assert_allclose(all_in['projector/groupnorm']['scale'], want,
+                             rtol=1e-6)
+  # Weights are treated the same either way.
+  np.testing.assert_allclose(all_in['projector/linear']['w'],
+                             dm['projector/linear']['w'], rtol=1e-6)
+
+
+def test_weight_decay_on_norm_and_bias_adds_wd_times_p():
+  params = _head_params()
+  grads = jax.tree.map(jnp.zeros_like, params)
+  wd = 0.1
+  # Zero gradients: the update is -lr * wd * p where weight decay applies.
+  dm = _one_update(optimizers.lars(1.0, weight_decay=wd, eta=1.0,
+                                   trust_ratio_mask_fn=lambda p: jax.tree.map(
+                                       lambda _: False, p)), params, grads)
+  all_in = _one_update(optimizers.lars(
+      1.0, weight_decay=wd, eta=1.0, trust_ratio_mask_fn=lambda p: jax.tree.map(
+          lambda _: False, p),
+      weight_decay_mask_fn=optimizers.include_all), params, grads)
+  np.testing.assert_allclose(dm['projector/groupnorm']['offset'], 0.0)
+  np.testing.assert_allclose(all_in['projector/groupnorm']['offset'], -0.01,
+                             rtol=1e-6)
+  np.testing.assert_allclose(dm['projector/linear']['w'], -0.05, rtol=1e-6)
+
+
+def test_masks_do_not_change_the_optimizer_state_structure():
+  params = _head_params()
+  a = optimizers.lars(0.1).init(params)
+  b = optimizers.lars(0.1, weight_decay_mask_fn=optimizers.include_all,
+                      trust_ratio_mask_fn=optimizers.include_all).init(params)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+
+
+def test_predictor_lr_multiplier_scales_only_the_predictor():
+  from byol import experiment  # pylint: disable=g-import-not-at-top
+  from configs import byol as byol_config  # pylint: disable=g-import-not-at-top
+
+  def updates(multiplier):
+    c = byol_config.get_config('local')
+    c.unlock()
+    c.training.warmup_epochs = 0.0  # a non-zero rate at step 0
+    c.training.predictor_lr_multiplier = multiplier
+    params = _head_params()
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    return _one_update(experiment.make_optimizer(c, 100, 0), params, grads)
+
+  base, fast = updates(1.0), updates(10.0)
+  for module in base:
+    for name in base[module]:
+      factor = 10.0 if module.startswith('predictor/') else 1.0
+      assert float(jnp.abs(base[module][name]).max()) > 0
+      np.testing.assert_allclose(fast[module][name],
+                                 factor * base[module][name], rtol=1e-6)

@@ -1,5 +1,6 @@
 """The training loop's machinery: signals, metrics log, resume checks."""
 
+import json
 import os
 import signal
 
@@ -58,3 +59,49 @@ def test_a_broken_config_json_is_refused_before_anything_is_written(tmp_path):
                      match='config.json is not valid JSON .*line 1'):
     train_loop.check_workdir(str(tmp_path), None, has_checkpoint=False)
   assert (tmp_path / 'config.json').read_text() == '{broken'
+
+
+def test_metrics_hold_collapse_diagnostics_and_the_test_accuracy(
+    tmp_path_factory):
+  """The TINY run logs RankMe and the fixed-batch stds at every step and the
+  online classifier's TEST accuracy at its last step; RankMe is recomputed
+  here from the final checkpoint on the first 64 training images."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from byol import checkpointing  # pylint: disable=g-import-not-at-top
+  from byol import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  from byol import diagnostics  # pylint: disable=g-import-not-at-top
+  from byol import experiment  # pylint: disable=g-import-not-at-top
+  import tiny_runs  # pylint: disable=g-import-not-at-top
+
+  workdir = tiny_runs.reference_run(tmp_path_factory)
+  records = [json.loads(line) for line in
+             (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6]
+  for r in records:
+    assert 1.0 <= r['rankme_proj'] <= 16.0  # projections are 16-d
+    assert 1.0 <= r['rankme_emb'] <= 64.0  # at most the batch of 64
+    assert 0.0 <= r['fixed_proj_std'] <= 0.5
+  assert 'eval_top1_accuracy' not in records[0]
+  last = records[-1]
+  assert 0.0 <= last['eval_top1_accuracy'] <= last['eval_top5_accuracy'] <= 1.0
+
+  with open(workdir / 'config.json') as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  state, _ = checkpointing.Checkpointer(str(workdir / 'checkpoints')).restore(
+      6, target=experiment.state_template(config))
+  batch = next(dataset_lib.load(
+      dataset_lib.Split.TRAIN_AND_VALID,
+      preprocess_mode=dataset_lib.PreprocessMode.EVAL, batch_dims=[64],
+      dataset=config.data.dataset, image_size=config.data.image_size))
+  forward = experiment.make_forward(config, 10, axis_name=None)
+  out, _ = forward.apply(
+      state.online_params, state.online_state, None,
+      dataset_lib.normalize(batch['images'], dataset=config.data.dataset), True)
+  # BatchNorm heads: statistics of the whole 64-image batch, as the pmapped
+  # diagnostics pool them over the 4 devices.
+  assert diagnostics.effective_rank(np.asarray(out['projection'])) == (
+      pytest.approx(last['rankme_proj'], rel=1e-3))
+  assert diagnostics.effective_rank(np.asarray(out['embedding'])) == (
+      pytest.approx(last['rankme_emb'], rel=1e-3))

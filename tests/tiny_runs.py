@@ -46,6 +46,7 @@ TINY = [
     '--config.training.max_steps=6',
     '--config.training.checkpoint_every_steps=2',
     '--config.training.log_every_steps=1',
+    '--config.training.diagnostics_batch_size=64',
 ]
 TIMEOUT = 300  # seconds, per run
 
