@@ -64,6 +64,8 @@ def convert_bn_to_affine(bn_params: hk.Params, bn_state: hk.State,
   out = {}
   for module, leaves in affine_params.items():
     bn_module = module.replace('affine', 'batchnorm')
+    if bn_module not in bn_params:  # a head's BatchNorm is `batch_norm`
+      bn_module = module.replace('affine', 'batch_norm')
     if bn_module == module:
       out[module] = dict(bn_params[module])
       continue

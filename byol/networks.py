@@ -116,7 +116,10 @@ class BlockGroup(hk.Module):
       output_channels = 4 * width if bottleneck else width
       block = ResidualBlock(
           width=width, stride=block_stride, bottleneck=bottleneck,
-          use_projection=(block_stride != 1 or channels != output_channels),
+          # As DeepMind's ResNet: the first block of every group has a
+          # projection shortcut, also where shapes would allow the identity
+          # (block_group_0 of ResNet-18/34), so their checkpoints map 1:1.
+          use_projection=(i == 0),
           conv=conv, norm=norm, zero_init_last_scale=zero_init_last_scale,
           name=f'block_{i}')
       self.blocks.append(block)
@@ -326,8 +329,8 @@ class MLP(hk.Module):
   Called as `mlp(x, is_training)` on [B, D]; returns [B, output_size] float32.
   The norm acts on [B, hidden]: BatchNorm over the batch, GroupNorm over
   groups of the hidden units, LayerNorm over all hidden units. Module names,
-  as DeepMind BYOL's MLP: `linear`, the norm's tag (e.g. `batchnorm`; theirs
-  is `batch_norm`), `linear_1`. With WS both linear layers are standardized.
+  as DeepMind BYOL's MLP: `linear`, `batch_norm` (other norms: their tag,
+  e.g. `groupnorm`), `linear_1`. With WS both linear layers are standardized.
   """
 
   def __init__(self,
@@ -357,11 +360,14 @@ class MLP(hk.Module):
         norm, num_groups=num_groups, bn_decay=bn_decay, bn_eps=bn_eps,
         gn_eps=gn_eps, cross_replica_axis=cross_replica_axis)
     self._linear = layers.make_linear(weight_standardization, ws_eps=ws_eps,
-                               dtype=self.dtype)
+                                      dtype=self.dtype)
+    # DeepMind's MLP calls its BatchNorm `batch_norm` (the ResNet's are
+    # `batchnorm_<i>`); the same name lets their checkpoints load as they are.
+    self.norm_name = 'batch_norm' if norm == 'bn' else self._norm.tag
 
   def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
     out = self._linear(self.hidden_size, with_bias=True, name='linear')(x)
-    out = self._norm(self._norm.tag)(out, is_training)
+    out = self._norm(self.norm_name)(out, is_training)
     out = jax.nn.relu(out)
     out = self._linear(self.output_size, with_bias=False, name='linear_1')(out)
     return out.astype(jnp.float32)

@@ -199,6 +199,10 @@ def _local(c):
   c.training.base_lr = 1.0
   c.training.weight_decay = 1e-6
   c.training.tau_base = 0.99
+  # Without it, GN+WS projections collapse within ~20 steps at this scale
+  # (README, "Collapse at CPU scale"): a predictor that adapts 10x faster
+  # than the rest stays near-optimal, as BYOL's section 5 recommends.
+  c.training.predictor_lr_multiplier = 10.0
   c.training.log_every_steps = 20
   c.training.eval_every_steps = 120
   c.training.checkpoint_every_steps = 200

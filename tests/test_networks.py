@@ -348,10 +348,19 @@ def test_resnet50_parameter_count(norm, ws):
   assert _num_params(params) == 23_508_032
 
 
-def test_resnet18_parameter_count():
+def test_resnet18_parameter_count_and_shortcuts_are_deepminds():
   params, _ = _shapes(lambda x: networks.ResNet18()(x, True),
                       jnp.zeros((1, 32, 32, 3)))
-  assert _num_params(params) == 11_176_512
+  # hk.nets.ResNet18 without its logits has 11,176,512 (a projection only
+  # where the shape changes); DeepMind's BYOL ResNet gives the first block of
+  # every group one, so block_group_0 adds a 64x64 1x1 conv and its norm.
+  assert _num_params(params) == 11_176_512 + 64 * 64 + 2 * 64
+  for group in range(4):
+    prefix = f'res_net18/~/block_group_{group}/~/block_0/~/'
+    assert prefix + 'shortcut_conv' in params
+    assert prefix + 'shortcut_batchnorm' in params
+    assert f'res_net18/~/block_group_{group}/~/block_1/~/shortcut_conv' not in (
+        params)
 
 
 @pytest.mark.parametrize('depth', sorted(networks.RESNET_DEPTHS))
@@ -608,10 +617,10 @@ def test_batch_norm_head():
   params, state = _init(net, x)
   assert jax.tree.map(jnp.shape, params) == {
       'projector/linear': {'w': (10, 16), 'b': (16,)},
-      'projector/batchnorm': {'scale': (1, 16), 'offset': (1, 16)},
+      'projector/batch_norm': {'scale': (1, 16), 'offset': (1, 16)},
       'projector/linear_1': {'w': (16, 4)},
   }
-  assert 'projector/batchnorm/~/mean_ema' in state
+  assert 'projector/batch_norm/~/mean_ema' in state  # DeepMind's MLP name
   hidden = _transform(lambda x: layers.BatchNorm(
       True, True, 0.9, name='bn')(x, True))
   # The hidden layer is normalised over the batch: after BN each unit has
