@@ -642,13 +642,18 @@ class PretrainExperiment:
     return {'eval_top1_accuracy': counts[0] / counts[2],
             'eval_top5_accuracy': counts[1] / counts[2]}
 
-  def diagnostics(self) -> Dict[str, float]:
+  def diagnostics(self, state: Optional[TrainState] = None
+                  ) -> Dict[str, float]:
     """Collapse measures of the online network on a fixed batch.
 
     The batch: the first `training.diagnostics_batch_size` images of the
     training set, centre-cropped, unaugmented, the same at every call and on
     every process. See `byol.diagnostics`.
+
+    Args:
+      state: a replicated TrainState (default: the current one).
     """
+    state = self.state if state is None else state
     c = self.config
     if self._fixed_batch is None:
       n = self.local_devices
@@ -664,8 +669,8 @@ class PretrainExperiment:
           devices.local_mesh_sharding())
       self._diagnose = jax.pmap(
           diagnostics.make_diagnostics_fn(self.forward, AXIS), axis_name=AXIS)
-    features = self._diagnose(self.state.online_params,
-                              self.state.online_state, self._fixed_batch)
+    features = self._diagnose(state.online_params, state.online_state,
+                              self._fixed_batch)
     return diagnostics.summarize(devices.unreplicate(features))
 
   def save(self, step: int) -> None:

@@ -50,7 +50,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import flags
 import jax
@@ -59,6 +59,7 @@ import numpy as np
 
 from byol import dataset as dataset_lib
 from byol import devices
+from byol import diagnostics
 from byol import eval_experiment
 from byol import experiment
 from byol import files
@@ -69,9 +70,14 @@ from configs import byol as byol_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_SUMMARY = 'row_summary.json'
 DEFAULT_EPOCHS = 1.25
-# A row has collapsed when its final proj_std is below this fraction of its
-# proj_std at step 0 (a collapsed network maps every image to one point).
+# The collapse rule (README, "Collapse"): a row has collapsed when, at its
+# last logged step, its projections' proj_std is below COLLAPSE_RATIO of its
+# value at step 0 AND their effective rank (RankMe, on the fixed diagnostics
+# batch) is below RANK_COLLAPSE_RATIO of its value at step 0 -- the images
+# map to (nearly) one point, by both measures. One measure alone is reported
+# as 'partial'.
 COLLAPSE_RATIO = 0.1
+RANK_COLLAPSE_RATIO = 0.25
 # For the ETA before any row has finished: measured on 2 CPU cores.
 LOCAL_IMAGES_PER_SEC = 130.0
 PROBE_SECONDS = 180.0
@@ -94,6 +100,8 @@ class Row:
     paper: the paper's ImageNet linear top-1 for this configuration, where
       the paper gives it ('' otherwise).
     quick: part of the quick subset.
+    extra: further (dotted field, value) overrides (used by the collapse
+      study, whose rows differ in training settings, not in norms).
   """
   name: str
   method: str
@@ -103,6 +111,7 @@ class Row:
   init: str = 'default'
   paper: str = ''
   quick: bool = False
+  extra: Tuple[Tuple[str, object], ...] = ()
 
   def overrides(self) -> Dict[str, object]:
     """Config fields (dotted) that make this row from the local preset."""
@@ -111,6 +120,7 @@ class Row:
       norm, ws = NORM_CHOICES[getattr(self, part)]
       out[f'model.{part}.norm'] = norm
       out[f'model.{part}.weight_standardization'] = ws
+    out.update(dict(self.extra))
     return out
 
   def label(self) -> str:
@@ -168,13 +178,14 @@ SMOKE_OVERRIDES = {
 SMOKE_PROBE_EXAMPLES = 1000
 
 
-def row_config(row: Row, *, dataset: str, epochs: float,
-               smoke: bool) -> ml_collections.ConfigDict:
-  """The locked pretraining config of `row`."""
+def row_config(row: Row, *, dataset: str, epochs: float, smoke: bool,
+               seed: int = 0) -> ml_collections.ConfigDict:
+  """The locked pretraining config of `row` (with `seed`)."""
   config = byol_config.get_config('local')
   config.unlock()
   config.update_from_flattened_dict(row.overrides())
   config.update_from_flattened_dict({
+      'seed': seed,
       'data.dataset': dataset,
       'training.epochs': float(epochs),
       # Checkpoints are cheap at this scale; an interrupted row loses little.
@@ -218,7 +229,7 @@ def initial_proj_std(config: ml_collections.ConfigDict, state) -> float:
   @jax.jit
   def proj_std(params, net_state, images, rng):
     out, _ = forward.apply(params, net_state, rng, images, True)
-    return experiment.projection_std(out['projection'], None)
+    return diagnostics.proj_std(out['projection'], None)
 
   return float(proj_std(state.online_params, state.online_state, images,
                         fwd_rng))
@@ -281,6 +292,7 @@ def run_row(row: Row, config: ml_collections.ConfigDict, workdir: str, *,
     trained = (exp.checkpointer.restore(step, target=exp.state_template())[0]
                if step is not None else init_state)
   proj_std0 = initial_proj_std(config, init_state)
+  diag0 = exp.diagnostics(devices.replicate(init_state))
   probe = eval_experiment.probe_report(
       exp, workdir, printer=printer, max_train_examples=max_train_examples,
       max_test_examples=max_test_examples, initial_state=init_state,
@@ -288,8 +300,11 @@ def run_row(row: Row, config: ml_collections.ConfigDict, workdir: str, *,
   metrics = read_metrics(workdir)
   final_proj_std = float(metrics[-1]['proj_std']) if metrics else float('nan')
   relative = final_proj_std / max(proj_std0, 1e-12)
+  rank_final = float(metrics[-1]['rankme_proj']) if metrics else float('nan')
+  rank_relative = rank_final / diag0['rankme_proj']
   result = {
       'row': row.name,
+      'run': os.path.basename(os.path.normpath(workdir)),
       'label': row.label(),
       'overrides': row.overrides(),
       'status': status,
@@ -306,7 +321,15 @@ def run_row(row: Row, config: ml_collections.ConfigDict, workdir: str, *,
       'proj_std_step0': proj_std0,
       'proj_std_final': final_proj_std,
       'proj_std_relative': relative,
-      'collapsed': bool(status == 'diverged' or not relative >= COLLAPSE_RATIO),
+      'rankme_proj_step0': diag0['rankme_proj'],
+      'rankme_proj_final': rank_final,
+      'rankme_proj_relative': rank_relative,
+      'rankme_emb_step0': diag0['rankme_emb'],
+      'rankme_emb_final': (float(metrics[-1]['rankme_emb']) if metrics
+                           else float('nan')),
+      'collapse': collapse_verdict(status, relative, rank_relative),
+      'collapsed': collapse_verdict(status, relative, rank_relative) == 'yes',
+      'seed': int(config.seed),
       'final_loss': float(metrics[-1]['loss']) if metrics else float('nan'),
       'pretrain_time_sec': train_time,
       'wall_time_sec': time.time() - t0,
@@ -318,15 +341,55 @@ def run_row(row: Row, config: ml_collections.ConfigDict, workdir: str, *,
   return result
 
 
-def load_finished(root: str) -> Dict[str, dict]:
-  """Row summaries found under `root`, by row name."""
+def collapse_verdict(status: str, proj_std_relative: float,
+                     rank_relative: float) -> str:
+  """'yes', 'partial' (one measure only) or 'no'; see COLLAPSE_RATIO."""
+  if status == 'diverged':
+    return 'yes'
+  low_std = not proj_std_relative >= COLLAPSE_RATIO
+  low_rank = not rank_relative >= RANK_COLLAPSE_RATIO
+  if low_std and low_rank:
+    return 'yes'
+  return 'partial' if low_std or low_rank else 'no'
+
+
+def run_name(row: Row, seed: int) -> str:
+  """The workdir name of `row` run with `seed` (seed 0: the row's name)."""
+  return row.name if seed == 0 else f'{row.name}_seed{seed}'
+
+
+def load_finished(root: str, rows: Sequence[Row] = ROWS,
+                  seeds: Sequence[int] = range(10)) -> Dict[str, dict]:
+  """Row summaries found under `root`, by run name (see `run_name`)."""
   out = {}
-  for row in ROWS:
-    path = os.path.join(root, row.name, ROW_SUMMARY)
-    if os.path.exists(path):
-      with open(path) as f:
-        out[row.name] = json.load(f)
+  for row in rows:
+    for seed in seeds:
+      path = os.path.join(root, run_name(row, seed), ROW_SUMMARY)
+      if os.path.exists(path):
+        with open(path) as f:
+          out[run_name(row, seed)] = json.load(f)
   return out
+
+
+def by_row(results: Dict[str, dict], rows: Sequence[Row] = ROWS
+           ) -> Dict[str, List[dict]]:
+  """The finished runs of each row (its seeds), in the order of `rows`."""
+  out = {}
+  for row in rows:
+    runs = [r for r in results.values() if r['row'] == row.name]
+    if runs:
+      out[row.name] = sorted(runs, key=lambda r: r.get('seed', 0))
+  return out
+
+
+def mean_spread(values: Sequence[float], scale: float = 1.0,
+                fmt: str = '.2f', sign: bool = False) -> str:
+  """'m' for one value, 'm ± s (n=k)' (sample std) for several."""
+  v = np.asarray(values, np.float64) * scale
+  head = f'{v.mean():{"+" if sign else ""}{fmt}}'
+  if len(v) == 1:
+    return head
+  return f'{head} ± {v.std(ddof=1):{fmt}} (n={len(v)})'
 
 
 # ---------------------------------------------------------------------------
@@ -351,8 +414,9 @@ def _duration(seconds: float) -> str:
 
 def write_table(path: str, results: Dict[str, dict], baseline: dict, *,
                 dataset: str, command: str, max_train_examples: int = -1,
-                max_test_examples: int = -1) -> str:
-  """Writes the markdown table of every finished row; returns its text."""
+                max_test_examples: int = -1, rows: Sequence[Row] = ROWS,
+                title: str = '', label=Row.label) -> str:
+  """Writes the markdown table of every finished run; returns its text."""
   subset = ''
   if max_train_examples > 0 or max_test_examples > 0:
     subset = (' Probes fitted on the first '
@@ -362,7 +426,8 @@ def write_table(path: str, results: Dict[str, dict], baseline: dict, *,
               'examples only.')
   lengths = sorted({_length(r['config']) for r in results.values()})
   lines = [
-      f'# BYOL without batch statistics: the ablation table on {dataset}',
+      title or f'# BYOL without batch statistics: the ablation table on '
+      f'{dataset}',
       '',
       f'Written by `{command}` on '
       f'{datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}, from the '
@@ -380,31 +445,43 @@ def write_table(path: str, results: Dict[str, dict], baseline: dict, *,
       '- **kNN top-1**: cosine kNN, k=200, votes weighted by '
       'exp(similarity/0.07).',
       '- **proj_std**: std over the batch of the L2-normalised projections '
-      '(last logged step); **rel.**: divided by its value at step 0; '
-      f'**collapsed** when rel. < {COLLAPSE_RATIO:g} (or the loss diverged).',
+      '(last logged step), divided by its value at step 0; **rank**: '
+      'RankMe (effective rank) of the projections on the fixed diagnostics '
+      'batch, divided by its value at step 0 (last logged step).',
+      f'- **collapsed**: yes when proj_std < {COLLAPSE_RATIO:g} x step 0 '
+      f'and rank < {RANK_COLLAPSE_RATIO:g} x step 0 (or the loss '
+      'diverged); partial when only one of the two holds.',
+      '- Several seeds: mean ± sample std over them (n = number of seeds).',
       '- **wall time**: pretraining and probes, in the run that finished the '
-      'row (the part before an interruption is not counted).',
+      'row (the part before an interruption is not counted); summed over '
+      'seeds.',
       '- **paper**: the paper\'s ResNet-50 ImageNet linear top-1 for the '
       'configuration, where it gives one; a different scale entirely, for '
       'the ordering only.',
       '',
       '| row | overrides | linear top-1 (%) | gain over init (pp) | '
-      'kNN top-1 (%) | proj_std | rel. to step 0 | collapsed | wall time | '
-      'paper, ImageNet (%) |',
-      '|---|---|---:|---:|---:|---:|---:|---|---:|---|',
+      'kNN top-1 (%) | kNN gain (pp) | proj_std / step 0 | rank / step 0 | '
+      'collapsed | wall time | paper, ImageNet (%) |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|',
   ]
-  for row in ROWS:
-    r = results.get(row.name)
-    if r is None:
-      continue
-    collapsed = 'yes' if r['collapsed'] else 'no'
-    if r['status'] == 'diverged':
-      collapsed += f' (diverged by step {r["diverged_by_step"]})'
+  for name, runs in by_row(results, rows).items():
+    row = next(r for r in rows if r.name == name)
+    verdicts = [r.get('collapse', 'yes' if r['collapsed'] else 'no')
+                for r in runs]
+    collapsed = ', '.join(sorted(set(verdicts)))
+    diverged = [r for r in runs if r['status'] == 'diverged']
+    if diverged:
+      collapsed += (f' (diverged by step '
+                    f'{", ".join(str(r["diverged_by_step"]) for r in diverged)})')
     lines.append(
-        f'| {row.name} | {row.label()} | {_pct(r["linear_top1"])} | '
-        f'{100 * r["gain_over_init"]:+.2f} | {_pct(r["knn_top1"])} | '
-        f'{r["proj_std_final"]:.4f} | {r["proj_std_relative"]:.3f} | '
-        f'{collapsed} | {_duration(r["wall_time_sec"])} | '
+        f'| {name} | {label(row)} | '
+        f'{mean_spread([r["linear_top1"] for r in runs], 100)} | '
+        f'{mean_spread([r["gain_over_init"] for r in runs], 100, sign=True)} | '
+        f'{mean_spread([r["knn_top1"] for r in runs], 100)} | '
+        f'{mean_spread([r["knn_top1"] - r["init_knn_top1"] for r in runs], 100, sign=True)} | '
+        f'{mean_spread([r["proj_std_relative"] for r in runs], fmt=".3f")} | '
+        f'{mean_spread([r.get("rankme_proj_relative", float("nan")) for r in runs], fmt=".3f")} | '
+        f'{collapsed} | {_duration(sum(r["wall_time_sec"] for r in runs))} | '
         f'{row.paper or "-"} |')
   lines += [
       '',
@@ -414,8 +491,8 @@ def write_table(path: str, results: Dict[str, dict], baseline: dict, *,
       f'{_pct(baseline["knn_top1_accuracy"])}%.',
       '',
       'Rows at initialisation (the same probe): ' + ', '.join(
-          f'{name} {_pct(results[name]["init_linear_top1"])}%'
-          for name in (r.name for r in ROWS) if name in results) + '.',
+          f'{name} {_pct(runs[0]["init_linear_top1"])}%'
+          for name, runs in by_row(results, rows).items()) + '.',
       '',
   ]
   text = '\n'.join(lines)
@@ -425,14 +502,16 @@ def write_table(path: str, results: Dict[str, dict], baseline: dict, *,
 
 
 def write_plot(path: str, results: Dict[str, dict], baseline: dict,
-               root: str) -> None:
-  """Bar chart of top-1 per row, and proj_std over training per row."""
+               root: str, rows: Sequence[Row] = ROWS) -> None:
+  """Top-1 per run; proj_std and RankMe of the projections over training."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  names = [r.name for r in ROWS if r.name in results]
-  fig, (ax_bar, ax_std) = plt.subplots(1, 2, figsize=(14, 0.45 * len(names) + 3))
+  names = [r.get('run', r['row']) for runs in by_row(results, rows).values()
+           for r in runs]
+  fig, (ax_bar, ax_std, ax_rank) = plt.subplots(
+      1, 3, figsize=(20, 0.45 * len(names) + 3))
   y = np.arange(len(names))
   trained = [100 * results[n]['linear_top1'] for n in names]
   init = [100 * results[n]['init_linear_top1'] for n in names]
@@ -460,11 +539,20 @@ def write_plot(path: str, results: Dict[str, dict], baseline: dict,
     stds = [results[n]['proj_std_step0']] + [r['proj_std'] for r in records]
     ax_std.plot(steps, np.maximum(stds, 1e-8), color=cmap(i % 20),
                 ls='--' if results[n]['collapsed'] else '-', label=n)
+    if 'rankme_proj_step0' in results[n]:
+      ranks = [results[n]['rankme_proj_step0']] + [
+          r.get('rankme_proj', np.nan) for r in records]
+      ax_rank.plot(steps, ranks, color=cmap(i % 20),
+                   ls='--' if results[n]['collapsed'] else '-', label=n)
   ax_std.set_yscale('log')
   ax_std.set_xlabel('step')
   ax_std.set_ylabel('proj_std (dashed: collapsed)')
   ax_std.set_title('proj_std during pretraining (step 0: initial network)')
   ax_std.legend(fontsize=7, ncol=2)
+  ax_rank.set_yscale('log')
+  ax_rank.set_xlabel('step')
+  ax_rank.set_ylabel('RankMe of the projections, fixed batch')
+  ax_rank.set_title('Effective rank during pretraining')
   fig.tight_layout()
   fig.savefig(path, dpi=100, bbox_inches='tight')
   plt.close(fig)
@@ -487,6 +575,9 @@ _RESULTS_DIR = flags.DEFINE_string(
     'workdir root).')
 _SMOKE = flags.DEFINE_bool('smoke', False,
                            'Tiny network, 3 steps per row (plumbing only).')
+_SEEDS = flags.DEFINE_list(
+    'seeds', ['0'], 'Seeds to run every row with (e.g. 0,1,2 for the spread '
+    'over seeds); seed 0 runs in <root>/<row>, seed k in <root>/<row>_seedk.')
 _PROBE_TRAIN = flags.DEFINE_integer(
     'probe_train_examples', -1, 'Fit the probes on the first N train '
     'examples (-1: all; --smoke: 1000).')
@@ -529,23 +620,50 @@ def main(argv: Sequence[str], printer=print) -> int:
 
 def _main(argv, printer) -> int:
   epochs, dataset, smoke = _EPOCHS.value, _DATASET.value, _SMOKE.value
-  if epochs <= 0:
-    raise UserError(f'--epochs must be positive, got {epochs}')
   rows = select_rows(_ROWS.value, _FULL.value)
   suffix = '_smoke' if smoke else ''
   root = _WORKDIR_ROOT.value or os.path.join(
       ROOT, 'workdirs', f'ablation_{dataset}{suffix}')
   results_dir = _RESULTS_DIR.value or (
       root if smoke else os.path.join(ROOT, 'experiments', 'results'))
+  run_study(rows, seeds=parse_seeds(_SEEDS.value), epochs=epochs,
+            dataset=dataset, smoke=smoke, root=root, results_dir=results_dir,
+            max_train=_PROBE_TRAIN.value, max_test=_PROBE_TEST.value,
+            command='./run.sh ablation ' + ' '.join(argv), printer=printer)
+  return 0
+
+
+def parse_seeds(values: Sequence[str]) -> List[int]:
+  try:
+    seeds = [int(v) for v in values]
+  except ValueError:
+    raise UserError(f'--seeds must be integers, got {",".join(values)}'
+                    ) from None
+  if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    raise UserError(f'--seeds must be distinct non-negative integers, got '
+                    f'{",".join(values)}')
+  return seeds
+
+
+def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
+              dataset: str, smoke: bool, root: str, results_dir: str,
+              max_train: int, max_test: int, command: str, printer=print,
+              name: str = 'ablation', title: str = '', label=Row.label) -> None:
+  """Runs every (row, seed) not finished under `root`, then the outputs.
+
+  Shared by the ablation table and the collapse study: a study is a list of
+  rows (config overrides of the local preset) and its table and plot.
+  """
+  if epochs <= 0:
+    raise UserError(f'--epochs must be positive, got {epochs}')
   default_probe = SMOKE_PROBE_EXAMPLES if smoke else -1
-  max_train = (_PROBE_TRAIN.value if _PROBE_TRAIN.value != -1
-               else default_probe)
-  max_test = (_PROBE_TEST.value if _PROBE_TEST.value != -1
-              else default_probe)
+  max_train = max_train if max_train != -1 else default_probe
+  max_test = max_test if max_test != -1 else default_probe
   os.makedirs(root, exist_ok=True)
   os.makedirs(results_dir, exist_ok=True)
-  configs = {r.name: row_config(r, dataset=dataset, epochs=epochs,
-                                smoke=smoke) for r in rows}
+  runs = [(row, seed) for seed in seeds for row in rows]
+  configs = {run_name(r, s): row_config(r, dataset=dataset, epochs=epochs,
+                                        smoke=smoke, seed=s) for r, s in runs}
   for config in configs.values():
     experiment.validate_config(config)
 
@@ -554,79 +672,72 @@ def _main(argv, printer) -> int:
     return steps * config.training.batch_size / LOCAL_IMAGES_PER_SEC + (
         PROBE_SECONDS)
 
-  printer(f'[ablation] {len(rows)} row(s) on {dataset}, '
-          f'{"smoke (3 steps, tiny network)" if smoke else f"{epochs:g} epoch(s) per row"}; '
+  printer(f'[{name}] {len(rows)} row(s) x {len(seeds)} seed(s) on {dataset}, '
+          f'{"smoke (3 steps, tiny network)" if smoke else f"{epochs:g} epoch(s) per run"}; '
           f'workdirs under {root}')
-  finished = load_finished(root)
-  todo = [r for r in rows if r.name not in finished]
-  remaining = sum(estimate(configs[r.name]) for r in todo)
-  printer(f'[ablation] {len(rows) - len(todo)} finished earlier, '
+  finished = load_finished(root, rows, seeds)
+  todo = [run_name(r, s) for r, s in runs if run_name(r, s) not in finished]
+  remaining = sum(estimate(configs[n]) for n in todo)
+  printer(f'[{name}] {len(runs) - len(todo)} finished earlier, '
           f'{len(todo)} to run; estimated {_duration(remaining)} at '
           f'{LOCAL_IMAGES_PER_SEC:.0f} images/s')
   durations, estimates = [], []
-  for i, row in enumerate(rows, 1):
-    config = configs[row.name]
-    workdir = os.path.join(root, row.name)
-    head = f'[ablation] row {i}/{len(rows)} {row.name} ({row.label()})'
-    if row.name in finished:
-      diff = train_loop.config_differences(finished[row.name]['config'],
+  for i, (row, seed) in enumerate(runs, 1):
+    run = run_name(row, seed)
+    config = configs[run]
+    workdir = os.path.join(root, run)
+    head = f'[{name}] run {i}/{len(runs)} {run} ({label(row)})'
+    if run in finished:
+      diff = train_loop.config_differences(finished[run]['config'],
                                            _config_dict(config))
       if diff:
         raise UserError(
-            f'row {row.name} in {workdir} was run with another config '
+            f'run {run} in {workdir} was made with another config '
             f'({", ".join(diff[:4])}); use another --workdir_root')
       printer(f'{head}: finished earlier, skipped')
       continue
-    left = [r for r in rows[i:] if r.name not in finished]
     printer(f'{head}: {experiment.num_steps(config)} steps')
     t0 = time.time()
     result = run_row(row, config, workdir, max_train_examples=max_train,
                      max_test_examples=max_test, printer=printer)
     durations.append(time.time() - t0)
     estimates.append(estimate(config))
-    finished[row.name] = result
-    # Compiled programs of this row are not needed again.
+    finished[run] = result
+    # Compiled programs of this run are not needed again.
     jax.clear_caches()
+    left = [n for n in todo if n not in finished]
     if left:
-      # The a-priori estimates, rescaled by how long the rows run here took.
+      # The a-priori estimates, rescaled by how long the runs here took.
       ratio = sum(durations) / sum(estimates)
-      eta = ratio * sum(estimate(configs[r.name]) for r in left)
-      eta_text = f'ETA for the {len(left)} row(s) left {_duration(eta)}'
+      eta = ratio * sum(estimate(configs[n]) for n in left)
+      eta_text = f'ETA for the {len(left)} run(s) left {_duration(eta)}'
     else:
-      eta_text = 'last row'
+      eta_text = 'last run'
     printer(f'{head}: linear top-1 {_pct(result["linear_top1"])}% '
             f'(init {_pct(result["init_linear_top1"])}%), kNN '
             f'{_pct(result["knn_top1"])}%, proj_std '
             f'{result["proj_std_final"]:.4f} ({result["proj_std_relative"]:.2f}'
-            f' x step 0){", COLLAPSED" if result["collapsed"] else ""}; '
-            f'{_duration(durations[-1])}; {eta_text}')
+            f' x step 0), rank {result["rankme_proj_final"]:.1f} '
+            f'({result["rankme_proj_relative"]:.2f} x step 0), collapsed: '
+            f'{result["collapse"]}; {_duration(durations[-1])}; {eta_text}')
 
   image_size = next(iter(configs.values())).data.image_size
-  _write_outputs(root, results_dir, dataset=dataset, image_size=image_size,
-                 max_train=max_train, max_test=max_test,
-                 command='python -m experiments.ablation ' + ' '.join(argv),
-                 printer=printer)
-  return 0
-
-
-def _write_outputs(root: str, results_dir: str, *, dataset: str,
-                   image_size: int, max_train: int, max_test: int,
-                   command: str, printer) -> None:
-  """The raw-pixel baseline, then the table and plot of every finished row."""
   baseline = raw_pixel_baseline(
       root, dataset=dataset, image_size=image_size,
       max_train_examples=max_train, max_test_examples=max_test,
       printer=printer)
-  all_finished = load_finished(root)
-  table_path = os.path.join(results_dir, f'ablation_{dataset}.md')
-  plot_path = os.path.join(results_dir, f'ablation_{dataset}.png')
-  text = write_table(table_path, all_finished, baseline, dataset=dataset,
+  everything = load_finished(root, rows)
+  table_path = os.path.join(results_dir, f'{name}_{dataset}.md')
+  plot_path = os.path.join(results_dir, f'{name}_{dataset}.png')
+  text = write_table(table_path, everything, baseline, dataset=dataset,
                      command=command.strip(), max_train_examples=max_train,
-                     max_test_examples=max_test)
-  write_plot(plot_path, all_finished, baseline, root)
+                     max_test_examples=max_test, rows=rows, title=title,
+                     label=label)
+  write_plot(plot_path, everything, baseline, root, rows=rows)
   printer('')
   printer(text)
-  printer(f'[ablation] wrote {table_path} and {plot_path}')
+  printer(f'[{name}] wrote {table_path} and {plot_path}')
+
 
 if __name__ == '__main__':
   sys.exit(main(sys.argv[1:]))

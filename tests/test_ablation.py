@@ -35,8 +35,9 @@ def test_rows_are_the_papers_table():
 def _numeric_cells(table, row):
   line = next(l for l in table.splitlines() if l.startswith(f'| {row} |'))
   cells = [c.strip() for c in line.strip('|').split('|')]
-  # linear top-1, gain, kNN top-1, proj_std, relative proj_std.
-  return [float(c) for c in cells[2:7]], cells
+  # linear top-1, gain, kNN top-1, kNN gain, proj_std and rank / step 0;
+  # with several seeds each cell reads 'mean ± std (n=k)'.
+  return [float(c.split()[0]) for c in cells[2:8]], cells
 
 
 def test_smoke_run_writes_the_table_and_skips_finished_rows(tmp_path):
@@ -53,17 +54,20 @@ def test_smoke_run_writes_the_table_and_skips_finished_rows(tmp_path):
   table = table_path.read_text()
   for row in rows.split(','):
     values, cells = _numeric_cells(table, row)
-    top1, gain, knn, proj_std, rel = values
+    top1, gain, knn, knn_gain, rel, rank_rel = values
     assert 0 <= top1 <= 100 and 0 <= knn <= 100
-    assert proj_std >= 0 and rel >= 0
-    assert cells[7].split()[0] in ('yes', 'no')
+    assert rel >= 0 and rank_rel > 0
+    assert cells[8].split()[0].strip(',') in ('yes', 'no', 'partial')
     summary = json.loads((tmp_path / row / 'row_summary.json').read_text())
     assert summary['steps'] == 3 and summary['status'] == 'finished'
     assert summary['proj_std_step0'] > 0
+    assert 1.0 <= summary['rankme_proj_step0'] <= 16.0  # 16-d projections
     assert abs(100 * summary['gain_over_init'] - gain) < 0.01
+    assert abs(100 * (summary['knn_top1'] - summary['init_knn_top1'])
+               - knn_gain) < 0.01
   assert re.search(r'Raw-pixel baseline .* linear top-1 \d+\.\d\d%', table)
   assert '72.1 (300 ep)' in table  # the paper's figure for encoder-only BN
-  assert any('row 2/2 simclr_bn_none' in l and 'ETA' not in l
+  assert any('run 2/2 simclr_bn_none' in l and 'ETA' not in l
              for l in lines if 'linear top-1' in l)
 
   # A rerun skips both rows and rewrites the outputs from their summaries.
@@ -77,6 +81,23 @@ def test_smoke_run_writes_the_table_and_skips_finished_rows(tmp_path):
     assert os.path.getmtime(tmp_path / r / 'row_summary.json') == t
   assert _numeric_cells(table_path.read_text(), 'byol_bn_enc')[0] == (
       _numeric_cells(table, 'byol_bn_enc')[0])
+
+  # A second seed of one row runs beside the first; the table shows both.
+  lines = []
+  assert ablation.main(['--smoke', '--rows=byol_bn_enc', '--seeds=0,1',
+                        f'--workdir_root={tmp_path}',
+                        f'--results_dir={tmp_path}'],
+                       printer=lines.append) == 0
+  assert sum('finished earlier, skipped' in l for l in lines) == 1
+  seeded = json.loads(
+      (tmp_path / 'byol_bn_enc_seed1' / 'row_summary.json').read_text())
+  assert seeded['seed'] == 1
+  first = json.loads((tmp_path / 'byol_bn_enc' / 'row_summary.json'
+                      ).read_text())
+  _, cells = _numeric_cells(table_path.read_text(), 'byol_bn_enc')
+  assert cells[2].endswith('(n=2)')
+  mean = 100 * (seeded['linear_top1'] + first['linear_top1']) / 2
+  assert abs(float(cells[2].split()[0]) - mean) < 0.01
 
   # The same root with another length is refused, not mixed into the table.
   assert ablation.main(argv + ['--epochs=2'], printer=lines.append) == 2
