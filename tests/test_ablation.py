@@ -5,6 +5,8 @@ import os
 import re
 
 from experiments import ablation
+from experiments import collapse_study
+from experiments import study
 
 
 def test_rows_are_the_papers_table():
@@ -22,7 +24,7 @@ def test_rows_are_the_papers_table():
   quick = {r.name for r in ablation.ROWS if r.quick}
   assert quick == {'byol_bn_all', 'byol_bn_none', 'byol_bn_enc', 'byol_gnws',
                    'byol_bn_init', 'simclr_bn_none'}
-  config = ablation.row_config(ablation.ROWS_BY_NAME['byol_bn_init'],
+  config = study.row_config(ablation.ROWS_BY_NAME['byol_bn_init'],
                                dataset='fashion_mnist', epochs=1.25,
                                smoke=False)
   assert config.model.init == 'bn_init'
@@ -109,3 +111,36 @@ def test_unknown_row_is_a_user_error(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: ')
   assert 'byol_banana' in err[0]
+
+
+def test_collapse_study_rows_differ_from_dms_settings_by_their_overrides():
+  rows = {r.name: r for r in collapse_study.ROWS}
+  dm = study.row_config(rows['dm'], dataset='fashion_mnist', epochs=0.5,
+                        smoke=False)
+  # The starting point: DeepMind's rules on the paper's GN+WS network.
+  assert dm.training.predictor_lr_multiplier == 1.0
+  assert not dm.training.trust_ratio_on_norm_and_bias
+  assert dm.training.tau_base == 0.99
+  assert dm.model.projector.norm == 'gn' and (
+      dm.model.predictor.weight_standardization)
+  fast = study.row_config(rows['pred_lr_x10'], dataset='fashion_mnist',
+                          epochs=0.5, smoke=False)
+  assert fast.training.predictor_lr_multiplier == 10.0
+  # Nothing else differs from the dm row.
+  from byol import train_loop  # pylint: disable=g-import-not-at-top
+  assert train_loop.config_differences(
+      json.loads(dm.to_json_best_effort()),
+      json.loads(fast.to_json_best_effort())) == [
+          'training.predictor_lr_multiplier']
+  assert collapse_study.label(rows['pred_x10_tau_norm']).startswith('GN+WS: ')
+
+
+def test_collapse_study_smoke_run(tmp_path):
+  lines = []
+  assert collapse_study.main(
+      ['--smoke', '--rows=dm', f'--workdir_root={tmp_path}',
+       f'--results_dir={tmp_path}', '--probe_train_examples=1000'],
+      printer=lines.append) == 0
+  table = (tmp_path / 'collapse_study_0.5ep_fashion_mnist.md').read_text()
+  assert '| dm | GN+WS: predictor_lr_multiplier=1 |' in table
+  assert collapse_study.main(['--rows=nope']) == 2

@@ -422,14 +422,16 @@ def test_norm_parameters_are_named_for_the_weight_decay_mask(kind):
   for module, leaves in params.items():
     last = module.split('/')[-1]
     if set(leaves) == {'scale', 'offset'}:
-      assert tag in last
+      # The heads' BatchNorm is DeepMind's `batch_norm`.
+      assert tag in last or (kind == 'bn' and last == 'batch_norm')
       norm_modules += 1
     else:
       assert 'norm' not in module
       assert 'affine' not in module
       assert set(leaves) in ({'w'}, {'w', 'b'})
-  # Stem + 8 in blocks (2 per block) + 3 shortcuts + 1 in the MLP.
-  assert norm_modules == 0 if kind == 'none' else 13
+  # Stem + 8 in blocks (2 per block) + 4 shortcuts (the first block of
+  # every group, as DeepMind's) + 1 in the MLP.
+  assert norm_modules == 0 if kind == 'none' else 14
   if kind == 'gn':
     assert 'res_net/~/initial_groupnorm' in params
     assert 'res_net/~/block_group_1/~/block_0/~/shortcut_groupnorm' in params
