@@ -12,20 +12,33 @@ ratios are comparable even on a noisy machine.
   python experiments/benchmark.py --sizes=local --steps=20
   python experiments/benchmark.py --sizes=resnet50_224 --dtype=bfloat16
   python experiments/benchmark.py --sizes=local --norms=bn,gn+ws,gn+ws_naive
+  python experiments/benchmark.py --sizes=local --norms=bn,gn+ws \\
+      --input=false --torch_python=/work/torchenv/bin/python
 
 `gn+ws_naive` is the starting point this project was measured against:
 Haiku's own `hk.GroupNorm` in place of `networks.GroupNorm`, and the two
 views in two forward passes of B images (as BatchNorm needs) instead of one
-of 2B. It computes the same function as `gn+ws`.
+of 2B. It computes the same function as `gn+ws`. A `+fastconv` suffix (`bn+fastconv`,
+`gn+ws+fastconv`) runs the same network with `byol.fast_conv.conv2d`, the
+convolution whose backward pass is arranged for XLA:CPU.
+
+`--torch_python=PYTHON` also times `experiments/torch_reference.py`, the same
+network and step in PyTorch (BN and GN+WS), in a second process run by that
+Python: one PyTorch step after each timed JAX step, so that both see the same
+load, and the ratio `vs_torch` (JAX images/s over PyTorch's) is reported.
+PyTorch is not a dependency of the project; the reference times the step
+without the augmentations, which the JAX step includes.
 
 Results: a table on stdout, and JSON in --json (default
 experiments/results/benchmark_<platform>.json).
 """
 
 import contextlib
+import functools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -42,6 +55,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 from byol import devices  # pylint: disable=g-import-not-at-top
 from byol import experiment  # pylint: disable=g-import-not-at-top
+from byol import fast_conv  # pylint: disable=g-import-not-at-top
 from byol import networks  # pylint: disable=g-import-not-at-top
 from configs import byol as byol_config  # pylint: disable=g-import-not-at-top
 
@@ -73,7 +87,12 @@ NORM_VARIANTS = {
     'gn+ws': ('gn', True),
     'none': ('none', False),
     'gn+ws_naive': ('gn', True),  # see naive_group_norm()
+    'bn+fastconv': ('bn', False),  # see fast_convolutions()
+    'gn+ws+fastconv': ('gn', True),
 }
+# The PyTorch reference's name for each variant it implements.
+TORCH_VARIANTS = {'bn': 'bn', 'gn+ws': 'gn+ws', 'bn+fastconv': 'bn',
+                  'gn+ws+fastconv': 'gn+ws'}
 
 
 class _HaikuGroupNorm(hk.Module):
@@ -101,6 +120,82 @@ def naive_group_norm():
     networks.GroupNorm, experiment.batch_independent = saved
 
 
+class _FastConv2D(networks.Conv2D):
+  """`networks.Conv2D` computed by `fast_conv.conv2d` (same parameters)."""
+
+  def __call__(self, inputs):
+    w_shape = tuple(self.kernel_shape) + (inputs.shape[-1],
+                                          self.output_channels)
+    w_init = self.w_init or networks._fan_in_init(  # pylint: disable=protected-access
+        int(np.prod(w_shape[:-1])))
+    w = self.effective_weight(
+        hk.get_parameter('w', w_shape, jnp.float32, init=w_init))
+    dtype = self.compute_dtype or inputs.dtype
+    return fast_conv.conv2d(inputs.astype(dtype), w.astype(dtype),
+                            self.stride, self.padding)
+
+
+class _FastWSConv2D(_FastConv2D):
+  """`networks.WSConv2D` computed by `fast_conv.conv2d`."""
+
+  def __init__(self, *args, ws_eps=1e-10, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.ws_eps = ws_eps
+
+  @hk.transparent
+  def effective_weight(self, w):
+    return networks.standardize_weight(w, axis=(0, 1, 2), eps=self.ws_eps)
+
+
+def _make_fast_conv(weight_standardization, *, ws_eps=1e-10,
+                    dtype=jnp.float32):
+  if weight_standardization:
+    return functools.partial(_FastWSConv2D, ws_eps=ws_eps, compute_dtype=dtype)
+  return functools.partial(_FastConv2D, compute_dtype=dtype)
+
+
+@contextlib.contextmanager
+def fast_convolutions():
+  """While active, new networks convolve with `fast_conv.conv2d`."""
+  saved = networks.make_conv
+  networks.make_conv = _make_fast_conv
+  try:
+    yield
+  finally:
+    networks.make_conv = saved
+
+
+class TorchReference:
+  """experiments/torch_reference.py in a second process, one step at a time."""
+
+  def __init__(self, python, norm, batch_size, image_size):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          'torch_reference.py')
+    self._proc = subprocess.Popen(
+        [python, script, '--serve', f'--norm={norm}',
+         f'--batch_size={batch_size}', f'--image_size={image_size}'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.info = self._read()
+    self.times = []
+
+  def _read(self):
+    line = self._proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'{self._proc.args[1]} exited with status '
+                         f'{self._proc.wait()}')
+    return json.loads(line)
+
+  def step(self):
+    """Runs and times one PyTorch step."""
+    self._proc.stdin.write('1\n')
+    self._proc.stdin.flush()
+    self.times.extend(self._read()['times'])
+
+  def close(self):
+    self._proc.stdin.close()
+    self._proc.wait()
+
+
 _SIZES = flags.DEFINE_list('sizes', list(SIZES), 'Sizes to measure.')
 _NORMS = flags.DEFINE_list('norms', ['bn', 'gn+ws', 'none'],
                            f'Variants, among {", ".join(NORM_VARIANTS)}.')
@@ -111,6 +206,9 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype.')
 _INPUT = flags.DEFINE_bool('input', True, 'Also time the input pipeline.')
 _JSON = flags.DEFINE_string('json', None, 'Where to write the results.')
+_TORCH_PYTHON = flags.DEFINE_string(
+    'torch_python', '', 'A Python with PyTorch: also time '
+    'experiments/torch_reference.py (bn, gn+ws), interleaved step by step.')
 
 
 def make_config(size, norm, ws):
@@ -129,8 +227,12 @@ def make_config(size, norm, ws):
   return c
 
 
-def time_step(config):
-  """Compiles and times the pmapped update step on a fixed random batch."""
+def time_step(config, after_step=None):
+  """Compiles and times the pmapped update step on a fixed random batch.
+
+  `after_step`, if given, is called after each timed step, outside its time
+  (the PyTorch reference's step, interleaved).
+  """
   n = jax.local_device_count()
   per_device = experiment.per_device_batch(config, jax.device_count())
   s = config.data.image_size
@@ -177,6 +279,8 @@ def time_step(config):
     state, logs = compiled(state, batch, key)
     jax.block_until_ready(logs)
     times.append(time.perf_counter() - t)
+    if after_step is not None:
+      after_step()
   global_batch = config.training.batch_size
   median = statistics.median(times)
   device_mem = None
@@ -238,9 +342,26 @@ def main(argv):
     for name in _NORMS.value:
       norm, ws = NORM_VARIANTS[name]
       config = make_config(size, norm, ws)
-      with (naive_group_norm() if name.endswith('_naive')
-            else contextlib.nullcontext()):
-        r = time_step(config)
+      torch_ref = None
+      if _TORCH_PYTHON.value and name in TORCH_VARIANTS:
+        torch_ref = TorchReference(_TORCH_PYTHON.value, TORCH_VARIANTS[name],
+                                   config.training.batch_size,
+                                   config.data.image_size)
+      if name.endswith('_naive'):
+        context = naive_group_norm()
+      elif name.endswith('+fastconv'):
+        context = fast_convolutions()
+      else:
+        context = contextlib.nullcontext()
+      with context:
+        r = time_step(config, torch_ref and torch_ref.step)
+      if torch_ref:
+        torch_ref.close()
+        torch_median = statistics.median(torch_ref.times)
+        r['torch'] = dict(torch_ref.info, step_ms=1000 * torch_median,
+                          images_per_sec=(config.training.batch_size /
+                                          torch_median))
+        r['vs_torch'] = r['images_per_sec'] / r['torch']['images_per_sec']
       row[name] = r
       # Step time relative to BatchNorm's: <= 1.00 means no slower than BN.
       ratio = (r['step_ms'] / row['bn']['step_ms'] if 'bn' in row
@@ -251,6 +372,12 @@ def main(argv):
             f'{r["compile_sec"]:.1f} | '
             f'{r["xla_memory_mb"] or float("nan"):.0f} | '
             f'{r["gflops_per_image"] or float("nan"):.2f} |', flush=True)
+      if 'torch' in r:
+        print(f'| {size} | {name}: PyTorch {r["torch"]["torch"]} | '
+              f'{config.training.batch_size} | '
+              f'{r["torch"]["images_per_sec"]:.1f} | JAX/PyTorch '
+              f'{r["vs_torch"]:.2f} | {r["torch"]["step_ms"]:.1f} | | | |',
+              flush=True)
     if _INPUT.value and SIZES[size][2]:
       config = make_config(size, 'gn', True)
       row['input_pipeline_images_per_sec'] = time_input(config)
