@@ -3,7 +3,7 @@
 `conv2d(x, w, stride, padding)` computes exactly
 `jax.lax.conv_general_dilated(x, w, stride, padding,
 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`; only its gradient is arranged
-differently, for two costs measured in the `local` BYOL step on XLA:CPU (a
+differently, for three costs measured in the `local` BYOL step on XLA:CPU (a
 profile of the step; see README, Performance):
 
 * XLA computes a weight gradient as a convolution whose features are the
@@ -19,9 +19,13 @@ profile of the step; see README, Performance):
 * For 1x1 kernels the weight gradient is a single matrix product of the
   (strided) input and the output gradient, both [N*Ho*Wo, channels]: 7x
   faster than XLA's convolution form at 16-32 channels.
+* Other weight gradients are XLA's, summed over chunks of 16 examples: the
+  CPU library runs one weight-gradient convolution over 512 examples 1.5-4x
+  slower than 32 over 16 each (`chunked_weight_gradient`).
 
 The input gradient is XLA's own. On accelerators XLA's own gradients are fast
-and this module brings nothing; it is used where `model.fast_conv` selects it.
+and this module brings nothing. Until a config switch selects it in the
+networks, the benchmark's `+fastconv` variants use it.
 """
 
 import functools
@@ -104,16 +108,57 @@ def _conv2d_fwd(x, w, stride, padding):
   return _conv(x, w, stride, padding), (x, w)
 
 
+def _num_chunks(batch: int, chunk: int) -> int:
+  """The most chunks of at least `chunk` examples that split `batch` evenly."""
+  divisors = [d for d in range(1, batch // chunk + 1) if batch % d == 0]
+  return max(divisors or [1])
+
+
+def chunked_weight_gradient(x: jax.Array, dy: jax.Array,
+                            kernel_shape: Sequence[int], stride: Sequence[int],
+                            padding: Padding, chunk: int = 16) -> jax.Array:
+  """XLA's weight gradient, summed over chunks of about `chunk` examples.
+
+  On XLA:CPU a weight-gradient convolution over 512 examples runs 1.5-4x
+  slower than the sum of 32 of them over 16 examples each (measured at the
+  `local` network's sizes, 3-128 channels, 24 to 3 px); the chunks are
+  independent, so both cores take them.
+
+  Args:
+    x: the convolution's input, [N, H, W, C].
+    dy: the gradient of its output, [N, Ho, Wo, O].
+    kernel_shape: (kh, kw).
+    stride: (sh, sw).
+    padding: as lax.conv's.
+    chunk: the smallest number of examples in a chunk.
+
+  Returns:
+    [kh, kw, C, O].
+  """
+  batch = x.shape[0]
+  chunks = _num_chunks(batch, chunk)
+  size = batch // chunks
+  w0 = jnp.zeros(tuple(kernel_shape) + (x.shape[-1], dy.shape[-1]), x.dtype)
+  grad = None
+  for i in range(chunks):
+    xs = jax.lax.slice_in_dim(x, i * size, (i + 1) * size)
+    dys = jax.lax.slice_in_dim(dy, i * size, (i + 1) * size)
+    _, vjp = jax.vjp(lambda w, xs=xs: _conv(xs, w, stride, padding), w0)
+    (part,) = vjp(dys)
+    grad = part if grad is None else grad + part
+  return grad
+
+
 def _conv2d_bwd(stride, padding, residuals, dy):
   x, w = residuals
   x, dy = materialize(x), materialize(dy)
+  _, vjp = jax.vjp(lambda x: _conv(x, w, stride, padding), x)
+  (dx,) = vjp(dy)
   if w.shape[:2] == (1, 1):
-    _, vjp = jax.vjp(lambda x: _conv(x, w, stride, padding), x)
-    (dx,) = vjp(dy)
-    dw = pointwise_weight_gradient(x, dy, stride, padding).astype(w.dtype)
-    return dx, dw
-  _, vjp = jax.vjp(lambda x, w: _conv(x, w, stride, padding), x, w)
-  return vjp(dy)
+    dw = pointwise_weight_gradient(x, dy, stride, padding)
+  else:
+    dw = chunked_weight_gradient(x, dy, w.shape[:2], stride, padding)
+  return dx, dw.astype(w.dtype)
 
 
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

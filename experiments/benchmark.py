@@ -18,9 +18,10 @@ ratios are comparable even on a noisy machine.
 `gn+ws_naive` is the starting point this project was measured against:
 Haiku's own `hk.GroupNorm` in place of `networks.GroupNorm`, and the two
 views in two forward passes of B images (as BatchNorm needs) instead of one
-of 2B. It computes the same function as `gn+ws`. A `+fastconv` suffix (`bn+fastconv`,
-`gn+ws+fastconv`) runs the same network with `byol.fast_conv.conv2d`, the
-convolution whose backward pass is arranged for XLA:CPU.
+of 2B. It computes the same function as `gn+ws`. A `+fastconv` suffix
+(`bn+fastconv`, `gn+ws+fastconv`) runs the same network with
+`byol.fast_conv.conv2d`, the convolution whose backward pass is arranged for
+XLA:CPU.
 
 `--torch_python=PYTHON` also times `experiments/torch_reference.py`, the same
 network and step in PyTorch (BN and GN+WS), in a second process run by that

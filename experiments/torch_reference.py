@@ -1,4 +1,4 @@
-r"""The `local` BYOL step in PyTorch: a speed reference, not part of the project.
+r"""The `local` BYOL step in PyTorch: a speed reference, not part of the code.
 
 The same network and update as the project's `configs/byol.py:local` step, so
 that `experiments/benchmark.py --torch_python=...` can time both side by side:
@@ -221,7 +221,8 @@ class Step:
         g = p.grad
         if decayed:
           g = g.add(p, alpha=WEIGHT_DECAY)
-          p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+          p_norm = torch.linalg.vector_norm(p)
+          g_norm = torch.linalg.vector_norm(g)
           trust = torch.where((p_norm > 0) & (g_norm > 0),
                               ETA * p_norm / g_norm, torch.ones_like(p_norm))
           g = g * trust

@@ -80,6 +80,37 @@ class FastConvTest(parameterized.TestCase):
     np.testing.assert_allclose(jnp.sum(got, axis=(0, 1, 2)) / scale, 0.,
                                atol=1e-4)
 
+  @parameterized.named_parameters(('k3_s1', 3, 1), ('k3_s2', 3, 2),
+                                  ('k1_s2', 1, 2))
+  def test_gradients_over_chunks_of_the_batch(self, kernel, stride):
+    # 48 examples: the weight gradient is summed over 3 chunks of 16.
+    num_chunks = fast_conv._num_chunks  # pylint: disable=protected-access
+    self.assertEqual(num_chunks(48, 16), 3)
+    rng = np.random.RandomState(3)
+    x = jnp.asarray(rng.randn(48, 8, 8, 4), jnp.float32)
+    w = jnp.asarray(rng.randn(kernel, kernel, 4, 8), jnp.float32)
+    probe = jnp.asarray(
+        rng.randn(*_reference(x, w, stride, 'SAME').shape), jnp.float32)
+    want = jax.grad(_loss, 2)(
+        lambda x, w: _reference(x, w, stride, 'SAME'), x, w, probe)
+    got = jax.grad(_loss, 2)(
+        lambda x, w: fast_conv.conv2d(x, w, stride, 'SAME'), x, w, probe)
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got / scale, want / scale, atol=2e-6)
+    # One chunk alone is a third of the gradient, far from the sum.
+    one = fast_conv.chunked_weight_gradient(
+        x[:16], jnp.cos(_reference(x[:16], w, stride, 'SAME')) * probe[:16],
+        (kernel, kernel), (stride, stride), 'SAME')
+    self.assertGreater(float(jnp.max(jnp.abs(one - want))) / scale, 0.1)
+
+  def test_number_of_chunks(self):
+    num_chunks = fast_conv._num_chunks  # pylint: disable=protected-access
+    self.assertEqual(num_chunks(512, 16), 32)
+    self.assertEqual(num_chunks(256, 16), 16)
+    self.assertEqual(num_chunks(24, 16), 1)
+    self.assertEqual(num_chunks(100, 16), 5)  # 5 chunks of 20
+    self.assertEqual(num_chunks(7, 16), 1)
+
   def test_materialize_is_exact(self):
     y = jnp.asarray(np.random.RandomState(1).randn(2, 5, 5, 7) * 1e3,
                     jnp.float32)
