@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from byol import fast_conv
+
 NORMS = ('bn', 'gn', 'ln', 'affine', 'none')
 
 # Module-name tag of each normalization kind (see the module docstring).
@@ -291,6 +293,7 @@ class Conv2D(hk.Conv2D):
                padding: str = 'SAME',
                w_init: Optional[Initializer] = None,
                compute_dtype: Any = None,
+               fast: bool = False,
                name: Optional[str] = None):
     super().__init__(output_channels=output_channels,
                      kernel_shape=kernel_shape, stride=stride,
@@ -298,6 +301,8 @@ class Conv2D(hk.Conv2D):
                      name=name)
     self.compute_dtype = (None if compute_dtype is None
                           else as_dtype(compute_dtype))
+    # `fast_conv.conv2d`: lax's convolution, backward arranged for XLA:CPU.
+    self.fast = fast
 
   @hk.transparent
   def effective_weight(self, w: jax.Array) -> jax.Array:
@@ -314,13 +319,17 @@ class Conv2D(hk.Conv2D):
     w = hk.get_parameter('w', w_shape, jnp.float32, init=w_init)
     w = self.effective_weight(w)
     dtype = self.compute_dtype or inputs.dtype
-    out = jax.lax.conv_general_dilated(
-        inputs.astype(dtype), w.astype(dtype),
-        window_strides=self.stride,
-        padding=self.padding,
-        lhs_dilation=self.lhs_dilation,
-        rhs_dilation=self.kernel_dilation,
-        dimension_numbers=self.dimension_numbers)
+    if self.fast:
+      out = fast_conv.conv2d(inputs.astype(dtype), w.astype(dtype),
+                             self.stride, self.padding)
+    else:
+      out = jax.lax.conv_general_dilated(
+          inputs.astype(dtype), w.astype(dtype),
+          window_strides=self.stride,
+          padding=self.padding,
+          lhs_dilation=self.lhs_dilation,
+          rhs_dilation=self.kernel_dilation,
+          dimension_numbers=self.dimension_numbers)
     if self.with_bias:
       b = hk.get_parameter('b', (self.output_channels,), jnp.float32,
                            init=self.b_init)
@@ -412,11 +421,13 @@ class WSLinear(Linear):
 
 
 def make_conv(weight_standardization: bool, *, ws_eps: float = 1e-10,
-              dtype: Any = jnp.float32) -> Callable[..., Conv2D]:
+              dtype: Any = jnp.float32,
+              fast: bool = False) -> Callable[..., Conv2D]:
   """Returns a `Conv2D`/`WSConv2D` constructor with bias off by default."""
   if weight_standardization:
-    return functools.partial(WSConv2D, ws_eps=ws_eps, compute_dtype=dtype)
-  return functools.partial(Conv2D, compute_dtype=dtype)
+    return functools.partial(WSConv2D, ws_eps=ws_eps, compute_dtype=dtype,
+                             fast=fast)
+  return functools.partial(Conv2D, compute_dtype=dtype, fast=fast)
 
 
 def make_linear(weight_standardization: bool, *, ws_eps: float = 1e-10,

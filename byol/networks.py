@@ -155,6 +155,7 @@ class ResNet(hk.Module):
                width_multiplier: float = 1.0,
                stem: str = 'imagenet',
                zero_init_last_scale: bool = False,
+               fast_conv: bool = False,
                bn_decay: float = 0.9,
                bn_eps: float = 1e-5,
                gn_eps: float = 1e-5,
@@ -180,6 +181,9 @@ class ResNet(hk.Module):
       zero_init_last_scale: initialise the scale of the last norm of each
         residual block to 0, so every block starts as relu(shortcut). Only
         affects norms with a scale (not `none`).
+      fast_conv: convolve with `byol.fast_conv.conv2d`: the same function and
+        gradients (to float32 rounding), with a backward pass that XLA:CPU
+        runs faster (README, "Performance").
       bn_decay: BatchNorm moving-average decay.
       bn_eps: BatchNorm epsilon.
       gn_eps: GroupNorm / LayerNorm epsilon.
@@ -218,6 +222,7 @@ class ResNet(hk.Module):
         norm, num_groups=num_groups, bn_decay=bn_decay, bn_eps=bn_eps,
         gn_eps=gn_eps, cross_replica_axis=cross_replica_axis)
     conv = layers.make_conv(weight_standardization, ws_eps=ws_eps,
+                            fast=fast_conv,
                             dtype=self.dtype)
 
     stem_channels = scaled(64, 'initial_conv')

@@ -12,11 +12,23 @@ ratios are comparable even on a noisy machine.
   python -m experiments.benchmark --sizes=local --steps=20
   python -m experiments.benchmark --sizes=resnet50_224 --dtype=bfloat16
   python -m experiments.benchmark --sizes=local --norms=bn,gn+ws,gn+ws_naive
+  python -m experiments.benchmark --sizes=local --norms=bn,gn+ws \\
+      --input=false --torch_python=/work/torchenv/bin/python
 
 `gn+ws_naive` is the starting point this project was measured against:
 Haiku's own `hk.GroupNorm` in place of `layers.GroupNorm`, and the two
 views in two forward passes of B images (as BatchNorm needs) instead of one
-of 2B. It computes the same function as `gn+ws`.
+of 2B. It computes the same function as `gn+ws`. A `+fastconv` suffix
+(`bn+fastconv`, `gn+ws+fastconv`) runs the same network with
+`model.encoder.fast_conv=True` (`byol.fast_conv.conv2d`, the convolution
+whose backward pass is arranged for XLA:CPU).
+
+`--torch_python=PYTHON` also times `experiments/torch_reference.py`, the same
+network and step in PyTorch (BN and GN+WS), in a second process run by that
+Python: one PyTorch step after each timed JAX step, so that both see the same
+load, and the ratio `vs_torch` (JAX images/s over PyTorch's) is reported.
+PyTorch is not a dependency of the project; the reference times the step
+without the augmentations, which the JAX step includes.
 
 Results: a table on stdout, and JSON in --json (default
 experiments/results/benchmark_<platform>.json).
@@ -26,6 +38,7 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -70,7 +83,12 @@ NORM_VARIANTS = {
     'gn+ws': ('gn', True),
     'none': ('none', False),
     'gn+ws_naive': ('gn', True),  # see naive_group_norm()
+    'bn+fastconv': ('bn', False),  # model.encoder.fast_conv=True
+    'gn+ws+fastconv': ('gn', True),
 }
+# The PyTorch reference's name for each variant it implements.
+TORCH_VARIANTS = {'bn': 'bn', 'gn+ws': 'gn+ws', 'bn+fastconv': 'bn',
+                  'gn+ws+fastconv': 'gn+ws'}
 
 
 class _HaikuGroupNorm(hk.Module):
@@ -98,6 +116,43 @@ def naive_group_norm():
     layers.GroupNorm, experiment.batch_independent = saved
 
 
+class TorchReference:
+  """experiments/torch_reference.py in a second process, one step at a time."""
+
+  def __init__(self, python, norm, batch_size, image_size):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          'torch_reference.py')
+    # OpenMP threads that spin while waiting (libgomp's default) collapse
+    # when the cores are shared: on the busy 2-core machine a PyTorch step
+    # took 18x longer than with passive waiting. Passive is the reference's
+    # better setting there, so it is the default here.
+    env = dict(os.environ)
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    self._proc = subprocess.Popen(
+        [python, script, '--serve', f'--norm={norm}',
+         f'--batch_size={batch_size}', f'--image_size={image_size}'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.info = dict(self._read(), omp_wait_policy=env['OMP_WAIT_POLICY'])
+    self.times = []
+
+  def _read(self):
+    line = self._proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'{self._proc.args[1]} exited with status '
+                         f'{self._proc.wait()}')
+    return json.loads(line)
+
+  def step(self):
+    """Runs and times one PyTorch step."""
+    self._proc.stdin.write('1\n')
+    self._proc.stdin.flush()
+    self.times.extend(self._read()['times'])
+
+  def close(self):
+    self._proc.stdin.close()
+    self._proc.wait()
+
+
 _SIZES = flags.DEFINE_list('sizes', list(SIZES), 'Sizes to measure.')
 _NORMS = flags.DEFINE_list('norms', ['bn', 'gn+ws', 'none'],
                            f'Variants, among {", ".join(NORM_VARIANTS)}.')
@@ -108,6 +163,9 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype.')
 _INPUT = flags.DEFINE_bool('input', True, 'Also time the input pipeline.')
 _JSON = flags.DEFINE_string('json', None, 'Where to write the results.')
+_TORCH_PYTHON = flags.DEFINE_string(
+    'torch_python', '', 'A Python with PyTorch: also time '
+    'experiments/torch_reference.py (bn, gn+ws), interleaved step by step.')
 
 
 def make_config(size, norm, ws):
@@ -126,8 +184,12 @@ def make_config(size, norm, ws):
   return c
 
 
-def time_step(config):
-  """Compiles and times the pmapped update step on a fixed random batch."""
+def time_step(config, after_step=None):
+  """Compiles and times the pmapped update step on a fixed random batch.
+
+  `after_step`, if given, is called after each timed step, outside its time
+  (the PyTorch reference's step, interleaved).
+  """
   n = jax.local_device_count()
   per_device = experiment.per_device_batch(config, jax.device_count())
   s = config.data.image_size
@@ -174,6 +236,8 @@ def time_step(config):
     state, logs = compiled(state, batch, key)
     jax.block_until_ready(logs)
     times.append(time.perf_counter() - t)
+    if after_step is not None:
+      after_step()
   global_batch = config.training.batch_size
   median = statistics.median(times)
   device_mem = None
@@ -235,9 +299,28 @@ def main(argv):
     for name in _NORMS.value:
       norm, ws = NORM_VARIANTS[name]
       config = make_config(size, norm, ws)
-      with (naive_group_norm() if name.endswith('_naive')
-            else contextlib.nullcontext()):
-        r = time_step(config)
+      if name.endswith('+fastconv'):
+        config.unlock()
+        config.model.encoder.fast_conv = True
+        config.lock()
+      torch_ref = None
+      if _TORCH_PYTHON.value and name in TORCH_VARIANTS:
+        torch_ref = TorchReference(_TORCH_PYTHON.value, TORCH_VARIANTS[name],
+                                   config.training.batch_size,
+                                   config.data.image_size)
+      if name.endswith('_naive'):
+        context = naive_group_norm()
+      else:
+        context = contextlib.nullcontext()
+      with context:
+        r = time_step(config, torch_ref and torch_ref.step)
+      if torch_ref:
+        torch_ref.close()
+        torch_median = statistics.median(torch_ref.times)
+        r['torch'] = dict(torch_ref.info, step_ms=1000 * torch_median,
+                          images_per_sec=(config.training.batch_size /
+                                          torch_median))
+        r['vs_torch'] = r['images_per_sec'] / r['torch']['images_per_sec']
       row[name] = r
       # Step time relative to BatchNorm's: <= 1.00 means no slower than BN.
       ratio = (r['step_ms'] / row['bn']['step_ms'] if 'bn' in row
@@ -248,6 +331,12 @@ def main(argv):
             f'{r["compile_sec"]:.1f} | '
             f'{r["xla_memory_mb"] or float("nan"):.0f} | '
             f'{r["gflops_per_image"] or float("nan"):.2f} |', flush=True)
+      if 'torch' in r:
+        print(f'| {size} | {name}: PyTorch {r["torch"]["torch"]} | '
+              f'{config.training.batch_size} | '
+              f'{r["torch"]["images_per_sec"]:.1f} | JAX/PyTorch '
+              f'{r["vs_torch"]:.2f} | {r["torch"]["step_ms"]:.1f} | | | |',
+              flush=True)
     if _INPUT.value and SIZES[size][2]:
       config = make_config(size, 'gn', True)
       row['input_pipeline_images_per_sec'] = time_input(config)
