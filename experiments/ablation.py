@@ -59,9 +59,11 @@ import numpy as np
 
 from byol import dataset as dataset_lib
 from byol import devices
+from byol import diagnostics
 from byol import eval_experiment
 from byol import experiment
 from byol import files
+from byol import model
 from byol import train_loop
 from byol.errors import UserError
 from configs import byol as byol_config
@@ -209,7 +211,7 @@ def initial_proj_std(config: ml_collections.ConfigDict, state) -> float:
   augmented, network in training mode.
   """
   c = config
-  forward = experiment.make_forward(
+  forward = model.make_forward(
       c, dataset_lib.num_classes(c.data.dataset), axis_name=None)
   aug_rng, fwd_rng = jax.random.split(jax.random.PRNGKey(c.seed))
   images = experiment.augmented_batch(c, c.training.batch_size,
@@ -218,7 +220,7 @@ def initial_proj_std(config: ml_collections.ConfigDict, state) -> float:
   @jax.jit
   def proj_std(params, net_state, images, rng):
     out, _ = forward.apply(params, net_state, rng, images, True)
-    return experiment.projection_std(out['projection'], None)
+    return diagnostics.proj_std(out['projection'], None)
 
   return float(proj_std(state.online_params, state.online_state, images,
                         fwd_rng))
