@@ -320,6 +320,16 @@ def test_a_workdir_without_a_run_is_a_user_error(tmp_path):
     eval_experiment.run(_eval_config('fast'), str(tmp_path))
 
 
+def test_a_config_no_network_can_be_built_from_is_a_user_error(tmp_path):
+  config = json.loads(tiny_config('local').to_json_best_effort())
+  config['model']['encoder']['norm'] = 'banana'
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(eval_experiment.EvalError,
+                     match=r'config\.json is not the config .*model\.encoder'):
+    eval_experiment.run(_eval_config('fast'), str(tmp_path))
+  assert os.listdir(tmp_path) == ['config.json']
+
+
 def test_batchnorm_statistics_are_calibrated_before_probing_an_init_net():
   config = tiny_config('local,bn')
   forward = model.make_forward(config, 10, axis_name=None)
