@@ -20,6 +20,7 @@ import jax
 import ml_collections
 
 from byol import devices
+from byol import files
 from byol.errors import ConfigError
 from byol.evaluation import features as features_lib
 from byol.evaluation import finetune as finetune_lib
@@ -46,13 +47,6 @@ def output_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
                                                             'checkpoints'):
     raise ConfigError(f'output_name must be a plain folder name, got {name!r}')
   return os.path.join(workdir, name)
-
-
-def write_json(path: str, obj) -> None:
-  """Writes `obj` as JSON to `path` through a temporary file and a rename."""
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
 
 
 class _MetricsFile:
@@ -120,8 +114,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                              metrics=metrics)
   if chief:
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    files.write_text(os.path.join(out_dir, 'config.json'),
+                     config.to_json_best_effort(indent=2, sort_keys=True))
   printer(f'[eval] {config.mode} evaluation of the {config.encoder} encoder '
           f'of {workdir}, checkpoint step {step}')
   t0 = time.time()
@@ -133,7 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   result.update(mode=config.mode, checkpoint_step=int(step),
                 encoder=config.encoder, wall_time_sec=time.time() - t0)
   if chief:
-    write_json(os.path.join(out_dir, 'summary.json'), result)
+    files.write_json(os.path.join(out_dir, 'summary.json'), result)
   printer(f'[eval] top-1 {100 * result["top1_accuracy"]:.2f}%  top-5 '
           f'{100 * result["top5_accuracy"]:.2f}%  -> {out_dir}/summary.json')
   return result
@@ -182,7 +176,7 @@ def probe_report(exp, workdir: str, printer=print, max_train_examples: int = -1,
       'init': probe.run(initial_state.online_params, init_net_state),
   }
   if jax.process_index() == 0:
-    write_json(os.path.join(workdir, 'probe.json'), results)
+    files.write_json(os.path.join(workdir, 'probe.json'), results)
   printer('')
   printer('| encoder                  | linear top-1 | kNN top-1 |')
   printer('|--------------------------|--------------|-----------|')

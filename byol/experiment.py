@@ -1,18 +1,13 @@
-"""BYOL and SimCLR pretraining: the network, the pure update step, the experiment.
+"""BYOL and SimCLR pretraining: the training state and the experiment.
 
-In reading order: config checks; the network (`make_forward`: encoder,
-projector, predictor and online classifier, each built from its config
-sub-dict); the update step (`make_update_fn`), a pure function of
-(state, inputs, rng) run under `jax.pmap(axis_name='i')` and written as
-named parts -- `loss_fn`, `views_forward`, `example_keys`, `micro_step`,
-`accumulate_gradients`, `ema`; the initial state; and `PretrainExperiment`,
-which holds the replicated state and initialises, restores, advances and
-saves it. The loop that drives it, and everything it writes besides
-checkpoints, is `byol/train_loop.py`.
-
-Past 500 lines on purpose: these parts are one computation, read top to
-bottom; splitting the update step from the network it differentiates or from
-the state it advances would send a reader across files for one idea.
+In reading order: config checks and the numbers derived from the config
+(per-device batch, steps, warmup); the one-off augmented batch of the BN-init
+pass; the initial state (`make_init_fn`, `state_template`); and
+`PretrainExperiment`, which holds the replicated state and initialises,
+restores, advances and saves it. The network it trains is built in
+`byol/model.py`, the pure update step it runs in `byol/update.py`; the loop
+that drives it, and everything it writes besides checkpoints, is
+`byol/train_loop.py`.
 """
 
 import functools
@@ -35,16 +30,9 @@ from byol import dataset as dataset_lib
 from byol import devices
 from byol import diagnostics
 from byol import inference
-from byol import losses
-from byol import networks
-from byol import optimizers
-from byol import schedules
+from byol import model
+from byol import update as update_lib
 from byol.errors import ConfigError
-# Re-exported for byol/eval_experiment.py, which formats its progress lines
-# with it; it lives with the loop's progress line.
-from byol.train_loop import format_duration  # pylint: disable=unused-import
-
-AXIS = devices.AXIS
 
 
 class TrainState(NamedTuple):
@@ -55,8 +43,6 @@ class TrainState(NamedTuple):
   online_state: hk.State
   target_state: hk.State
   opt_state: optax.OptState
-
-
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -120,85 +106,6 @@ def warmup_steps(config: ml_collections.ConfigDict) -> int:
              // config.training.batch_size)
 
 
-
-
-def build_component(config: ml_collections.ConfigDict, part: str,
-                    constructor: Callable[..., hk.Module],
-                    axis_name: Optional[str], **kwargs) -> hk.Module:
-  """`constructor(**config.model[part], <shared model fields>, **kwargs)`.
-
-  The component's config sub-dict goes straight into its constructor, with
-  the fields every component shares (BatchNorm decay, epsilons, compute
-  dtype) and the cross-replica axis. A `ValueError` of the constructor (an
-  unknown norm, a non-positive size, ...) comes back prefixed with the
-  config path, `model.<part>: ...`. Call inside a Haiku transform.
-  """
-  m = config.model
-  try:
-    return constructor(**m[part], bn_decay=m.bn_decay, bn_eps=m.bn_eps,
-                       gn_eps=m.gn_eps, ws_eps=m.ws_eps, dtype=m.dtype,
-                       cross_replica_axis=axis_name, **kwargs)
-  except ValueError as e:
-    # A head's module is named after its part: 'projector: ...' reads
-    # 'model.projector: ...', not 'model.projector: projector: ...'.
-    message = str(e)
-    if message.startswith(f'{part}: '):
-      message = message[len(part) + 2:]
-    raise ValueError(f'model.{part}: {message}') from None
-
-
-def make_encoder(config: ml_collections.ConfigDict,
-                 axis_name: Optional[str] = None) -> hk.Module:
-  """The encoder of `config.model.encoder`; call inside a Haiku transform."""
-  return build_component(config, 'encoder', networks.resnet, axis_name)
-
-
-def network_config(config: ml_collections.ConfigDict
-                   ) -> ml_collections.ConfigDict:
-  """The config of the network that is trained.
-
-  Under the BN-init protocol the BatchNorm layers exist only for the one
-  initialisation pass; the trained network has `affine` layers instead.
-  """
-  if config.model.init == 'bn_init':
-    return bn_init.affine_config(config)
-  return config
-
-
-def batch_independent(config: ml_collections.ConfigDict) -> bool:
-  """True when no component of the trained network uses batch statistics."""
-  config = network_config(config)
-  return all(config.model[p].norm != 'bn'
-             for p in ('encoder', 'projector', 'predictor'))
-
-
-def make_forward(config: ml_collections.ConfigDict, num_classes: int,
-                 axis_name: Optional[str] = AXIS) -> hk.TransformedWithState:
-  """Online/target network: encoder -> projector (-> predictor) + classifier.
-
-  Returns a transform whose apply maps (images, is_training) to a dict with
-  `embedding`, `projection`, `prediction` (BYOL only) and `logits`.
-  """
-  config = network_config(config)
-
-  def forward(images, is_training):
-    embedding = make_encoder(config, axis_name)(images, is_training)
-    projection = build_component(config, 'projector', networks.MLP, axis_name,
-                                 name='projector')(embedding, is_training)
-    out = dict(embedding=embedding, projection=projection)
-    if config.method == 'byol':
-      out['prediction'] = build_component(
-          config, 'predictor', networks.MLP, axis_name,
-          name='predictor')(projection, is_training)
-    # The online classifier only measures the representation: it must not
-    # shape it, hence the stop_gradient on its input.
-    out['logits'] = hk.Linear(num_classes, name='classifier')(
-        jax.lax.stop_gradient(embedding))
-    return out
-
-  return hk.transform_with_state(forward)
-
-
 def augmented_batch(config: ml_collections.ConfigDict, batch_size: int, *,
                     data_seed: int, rng: jax.Array, **load_kwargs) -> np.ndarray:
   """One pretraining batch as the network sees it: view 1, augmented, normalised.
@@ -231,221 +138,6 @@ def augmented_batch(config: ml_collections.ConfigDict, batch_size: int, *,
                                           dataset=c.data.dataset))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
-                   warmup: int) -> optax.GradientTransformation:
-  """LARS with the run's schedule, masks and per-component rate multiplier."""
-  t = config.training
-  lr = schedules.learning_rate_schedule(
-      base_lr=t.base_lr, batch_size=t.batch_size, total_steps=total_steps,
-      warmup_steps=warmup)
-  dm_rule = optimizers.exclude_bias_and_norm
-  optimizer = optimizers.lars(
-      lr, weight_decay=t.weight_decay, eta=t.lars_eta, momentum=t.momentum,
-      weight_decay_mask_fn=(optimizers.include_all
-                            if t.weight_decay_on_norm_and_bias else dm_rule),
-      trust_ratio_mask_fn=(optimizers.include_all
-                           if t.trust_ratio_on_norm_and_bias else dm_rule))
-  if t.predictor_lr_multiplier != 1.0:
-    optimizer = optax.chain(optimizer, optimizers.scale_where(
-        t.predictor_lr_multiplier, lambda path: "'predictor/" in path))
-  return optimizer
-
-
-
-
-def views_forward(forward: hk.TransformedWithState, params, state, rng,
-                  view1, view2, *, one_pass: bool):
-  """Both views through the network: (out1, out2, new state).
-
-  With `one_pass` (no batch statistics anywhere) the two views go through as
-  one batch of 2B, which is cheaper and gives the same outputs.
-  """
-  if one_pass:
-    both = jnp.concatenate([view1, view2], axis=0)
-    out, state = forward.apply(params, state, rng, both, True)
-    n = view1.shape[0]
-    out1 = jax.tree.map(lambda x: x[:n], out)
-    out2 = jax.tree.map(lambda x: x[n:], out)
-  else:
-    # BatchNorm: each view keeps its own batch statistics, as in BYOL.
-    out1, state = forward.apply(params, state, rng, view1, True)
-    out2, state = forward.apply(params, state, rng, view2, True)
-  return out1, out2, state
-
-
-def loss_fn(online_params, online_state, target_params, target_state, rng,
-            inputs, *, forward: hk.TransformedWithState,
-            config: ml_collections.ConfigDict, axis_name: Optional[str]):
-  """The loss of one (micro-)batch of augmented, normalised views.
-
-  Returns:
-    (loss, (online_state, target_state, logs)); differentiate with respect to
-    `online_params`. The loss is the representation loss (BYOL's regression
-    or SimCLR's NT-Xent) plus the online classifier's cross-entropy.
-  """
-  view1, view2 = inputs['view1'], inputs['view2']
-  labels = inputs['labels']
-  one_pass = batch_independent(config)
-  out1, out2, online_state = views_forward(
-      forward, online_params, online_state, rng, view1, view2,
-      one_pass=one_pass)
-  if config.method == 'byol':
-    t1, t2, target_state = views_forward(
-        forward, target_params, target_state, rng, view1, view2,
-        one_pass=one_pass)
-    # losses.byol_loss stops the gradient into the target projections.
-    repr_loss = losses.byol_loss(out1['prediction'], out2['prediction'],
-                                 t1['projection'], t2['projection'])
-  else:
-    repr_loss = losses.nt_xent(out1['projection'], out2['projection'],
-                               temperature=config.training.temperature,
-                               axis_name=axis_name)
-  logits = out1['logits'].astype(jnp.float32)
-  one_hot = jax.nn.one_hot(labels, logits.shape[-1])
-  classif_loss = jnp.mean(optax.softmax_cross_entropy(logits, one_hot))
-  top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
-  loss = repr_loss + classif_loss
-  logs = dict(loss=loss, repr_loss=repr_loss, classif_loss=classif_loss,
-              top1_accuracy=top1,
-              proj_std=diagnostics.proj_std(out1['projection'], axis_name))
-  return loss, (online_state, target_state, logs)
-
-
-def example_keys(rng, micro, per_device: int, *, accum: int,
-                 axis_name: Optional[str]):
-  """One augmentation key per example of this device's micro-batch `micro`.
-
-  Example keys are `fold_in(rng, g)`, g the example's index in the step's
-  global batch laid out as [devices (of all processes), micro-batches,
-  per-device batch] -- the layout in which the host feeds it. An example's
-  augmentations therefore depend only on the step's key and its place in
-  the global batch: splitting the same global batch over 1 or 4 devices, 1
-  or 2 processes, or k micro-batches gives the same views.
-  """
-  device = 0 if axis_name is None else jax.lax.axis_index(axis_name)
-  first = (device * accum + micro) * per_device
-  index = first + jnp.arange(per_device, dtype=jnp.int32)
-  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
-
-
-def micro_step(carry, xs, *, grad_fn: Callable, config, normalize: Callable,
-               axis_name: Optional[str]):
-  """One micro-batch: augment, normalise, add its gradient to the sum.
-
-  A `lax.scan` body: carry = (online_state, target_state, grads_sum,
-  online_params, target_params), xs = (inputs, micro-batch index, rng).
-  """
-  online_state, target_state, grads_sum, params, target_params = carry
-  inputs, micro, rng = xs
-  aug_rng, fwd_rng = jax.random.split(rng)
-  keys = example_keys(aug_rng, micro, inputs['view1'].shape[0],
-                      accum=config.training.accumulation_steps,
-                      axis_name=axis_name)
-  fwd_rng = jax.random.fold_in(fwd_rng, micro)
-  inputs = augmentations.postprocess(inputs, keys, config.data.augmentations)
-  inputs = dict(inputs, view1=normalize(inputs['view1']),
-                view2=normalize(inputs['view2']))
-  grads, (online_state, target_state, logs) = grad_fn(
-      params, online_state, target_params, target_state, fwd_rng, inputs)
-  grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-  return (online_state, target_state, grads_sum, params,
-          target_params), logs
-
-
-def accumulate_gradients(state: 'TrainState', inputs, rng, *, step_fn,
-                         accum: int):
-  """Runs `step_fn` (a bound `micro_step`) over the k micro-batches.
-
-  Returns:
-    (mean gradient, online_state, target_state, logs averaged over the
-    micro-batches), all still local to this device.
-  """
-  zeros = jax.tree.map(jnp.zeros_like, state.online_params)
-  carry = (state.online_state, state.target_state, zeros,
-           state.online_params, state.target_params)
-  if accum == 1:
-    carry, logs = step_fn(carry, (jax.tree.map(lambda x: x[0], inputs), 0,
-                                  rng))
-  else:
-    micro = jnp.arange(accum, dtype=jnp.int32)
-    carry, logs = jax.lax.scan(
-        lambda c, xs: step_fn(c, xs + (rng,)), carry, (inputs, micro))
-    logs = jax.tree.map(jnp.mean, logs)
-  online_state, target_state, grads, _, _ = carry
-  grads = jax.tree.map(lambda g: g / accum, grads)
-  return grads, online_state, target_state, logs
-
-
-def ema(target_params, online_params, tau):
-  """target <- tau * target + (1 - tau) * online, leaf by leaf."""
-  return jax.tree.map(lambda t, o: t + (1.0 - tau) * (o - t),
-                      target_params, online_params)
-
-
-def make_update_fn(config: ml_collections.ConfigDict,
-                   forward: hk.TransformedWithState,
-                   optimizer: optax.GradientTransformation,
-                   total_steps: int,
-                   axis_name: Optional[str] = AXIS,
-                   normalize: Optional[Callable] = None):
-  """Returns `update(state, inputs, rng) -> (state, scalars)`.
-
-  `inputs` holds `view1`, `view2`, `labels` with a leading micro-batch axis
-  of length `training.accumulation_steps`. Run it under `jax.pmap` with
-  `axis_name` (or with `axis_name=None` on one device, under `jax.jit`).
-  `rng` must be the same on every device (see `example_keys`).
-
-  Gradient accumulation: the k micro-batches run one after another
-  (`lax.scan`) and their gradients are averaged before the single optimizer
-  and EMA step. Without batch statistics (GN, LN, affine, none; WS or not)
-  that is the update of the whole batch, up to float rounding. Under
-  BatchNorm it is not: each micro-batch is normalised with its own
-  statistics, over batch/k examples (pooled over devices by the cross-replica
-  axis), and the BN moving averages advance once per micro-batch (and view);
-  SimCLR's negatives likewise come from the micro-batch only.
-  """
-  t = config.training
-  if normalize is None:
-    normalize = functools.partial(dataset_lib.normalize,
-                                  dataset=config.data.dataset)
-  grad_fn = jax.grad(functools.partial(loss_fn, forward=forward,
-                                       config=config, axis_name=axis_name),
-                     has_aux=True)
-  step_fn = functools.partial(micro_step, grad_fn=grad_fn, config=config,
-                              normalize=normalize, axis_name=axis_name)
-
-  def update(state: TrainState, inputs, rng):
-    # `rng` is the same on every device: per-example keys (example_keys) make
-    # the augmentations differ between examples, and so between devices.
-    grads, online_state, target_state, logs = accumulate_gradients(
-        state, inputs, rng, step_fn=step_fn, accum=t.accumulation_steps)
-    if axis_name is not None:
-      grads = jax.lax.pmean(grads, axis_name)
-      logs = jax.lax.pmean(logs, axis_name)
-    updates, opt_state = optimizer.update(grads, state.opt_state,
-                                          state.online_params)
-    online_params = optax.apply_updates(state.online_params, updates)
-    tau = schedules.target_ema(state.step, base_ema=t.tau_base,
-                               total_steps=total_steps)
-    target_params = state.target_params
-    if config.method == 'byol':
-      target_params = ema(state.target_params, online_params, tau)
-    logs['tau'] = tau
-    # Checked on the host with the loss: a step can turn finite parameters
-    # into non-finite ones while its own loss (computed before it) is finite.
-    logs['param_norm'] = optax.tree.norm(online_params)
-    logs['learning_rate'] = schedules.learning_rate(
-        state.step, base_lr=t.base_lr, batch_size=t.batch_size,
-        total_steps=total_steps, warmup_steps=warmup_steps(config))
-    new_state = TrainState(
-        step=state.step + 1, online_params=online_params,
-        target_params=target_params, online_state=online_state,
-        target_state=target_state, opt_state=opt_state)
-    return new_state, logs
-
-  return update
-
-
 def make_init_fn(config: ml_collections.ConfigDict,
                  forward: hk.TransformedWithState,
                  optimizer: optax.GradientTransformation):
@@ -460,7 +152,7 @@ def make_init_fn(config: ml_collections.ConfigDict,
   def init_network(rng, images):
     if config.model.init == 'bn_init':
       return bn_init.bn_initialised_params(
-          config, lambda c: make_forward(c, num_classes, axis_name=None),
+          config, lambda c: model.make_forward(c, num_classes, axis_name=None),
           rng, images)
     return forward.init(rng, images, True)
 
@@ -484,9 +176,9 @@ def make_init_fn(config: ml_collections.ConfigDict,
 def state_template(config: ml_collections.ConfigDict) -> TrainState:
   """Host-side zeros shaped like the training state, for restoring."""
   num_classes = dataset_lib.num_classes(config.data.dataset)
-  forward = make_forward(config, num_classes, axis_name=None)
+  forward = model.make_forward(config, num_classes, axis_name=None)
   # The optimizer's state has the same structure whatever the schedule.
-  init = make_init_fn(config, forward, make_optimizer(config, 1, 0))
+  init = make_init_fn(config, forward, update_lib.make_optimizer(config, 1, 0))
   s = config.data.image_size
   shapes = jax.eval_shape(init, jax.random.PRNGKey(0),
                           jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
@@ -501,6 +193,7 @@ def params_checksum(params: hk.Params) -> str:
     h.update(jax.tree_util.keystr(path).encode())
     h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
   return h.hexdigest()
+
 
 class PretrainExperiment:
   """BYOL or SimCLR pretraining on all local devices (and processes).
@@ -528,15 +221,16 @@ class PretrainExperiment:
     self.total_steps = num_steps(config)
     self.warmup = warmup_steps(config)
     self.num_classes = dataset_lib.num_classes(config.data.dataset)
-    self.forward = make_forward(config, self.num_classes, AXIS)
-    self.optimizer = make_optimizer(config, self.total_steps, self.warmup)
-    check_model(config, self.num_classes)
+    self.forward = model.make_forward(config, self.num_classes, devices.AXIS)
+    self.optimizer = update_lib.make_optimizer(config, self.total_steps,
+                                               self.warmup)
+    model.check_model(config, self.num_classes)
     self._init = jax.pmap(make_init_fn(config, self.forward, self.optimizer),
-                          axis_name=AXIS)
+                          axis_name=devices.AXIS)
     self._update = jax.pmap(
-        make_update_fn(config, self.forward, self.optimizer, self.total_steps,
-                       AXIS),
-        axis_name=AXIS, donate_argnums=(0,))
+        update_lib.make_update_fn(config, self.forward, self.optimizer,
+                                  self.total_steps, self.warmup, devices.AXIS),
+        axis_name=devices.AXIS, donate_argnums=(0,))
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, 'checkpoints'),
         keep=config.training.keep_checkpoints)
@@ -547,7 +241,6 @@ class PretrainExperiment:
     self._classify = None
     self._fixed_batch = None
     self._diagnose = None
-
 
   def _sample_images(self):
     s = self.config.data.image_size
@@ -621,7 +314,7 @@ class PretrainExperiment:
     """
     c = self.config
     if self._classify is None:
-      forward = make_forward(c, self.num_classes, axis_name=None)
+      forward = model.make_forward(c, self.num_classes, axis_name=None)
       normalize = functools.partial(dataset_lib.normalize,
                                     dataset=c.data.dataset)
       self._classify = lambda p, s, x: forward.apply(
@@ -668,7 +361,8 @@ class PretrainExperiment:
           dataset_lib.normalize(batch['images'], dataset=c.data.dataset),
           devices.local_mesh_sharding())
       self._diagnose = jax.pmap(
-          diagnostics.make_diagnostics_fn(self.forward, AXIS), axis_name=AXIS)
+          diagnostics.make_diagnostics_fn(self.forward, devices.AXIS),
+          axis_name=devices.AXIS)
     features = self._diagnose(state.online_params, state.online_state,
                               self._fixed_batch)
     return diagnostics.summarize(devices.unreplicate(features))
@@ -688,13 +382,3 @@ class PretrainExperiment:
         'online_params_sha256': params_checksum(final.online_params),
     }
 
-
-def check_model(config: ml_collections.ConfigDict, num_classes: int) -> None:
-  """Builds the network shape-only; impossible shapes become `ConfigError`."""
-  forward = make_forward(config, num_classes, axis_name=None)
-  s = config.data.image_size
-  try:
-    jax.eval_shape(lambda x: forward.init(jax.random.PRNGKey(0), x, True),
-                   jax.ShapeDtypeStruct((2, s, s, 3), jnp.float32))
-  except ValueError as e:
-    raise ConfigError(str(e).splitlines()[0]) from None

@@ -33,6 +33,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 from byol import augmentations as aug  # pylint: disable=g-import-not-at-top,wrong-import-position
 from byol import dataset  # pylint: disable=g-import-not-at-top,wrong-import-position
+from byol.data import crops as crops_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def saturation_and_hue():
@@ -71,8 +72,8 @@ def blur():
 
 def crops():
   for height, width in ((375, 500), (200, 600)):
-    boxes = dataset.sample_crop_boxes(np.asarray((3, 5), np.int64), height,
-                                      width, 100_000).numpy()
+    boxes = crops_lib.sample_crop_boxes(np.asarray((3, 5), np.int64), height,
+                                        width, 100_000).numpy()
     _, _, h, w = boxes.T
     area = h * w / (height * width)
     full = ((h == height) | (w == width)).mean()

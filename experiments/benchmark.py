@@ -52,7 +52,9 @@ import numpy as np
 from byol import devices
 from byol import experiment
 from byol import layers
+from byol import model
 from byol import networks
+from byol import update as update_lib
 from configs import byol as byol_config
 
 SIZES = {
@@ -107,13 +109,13 @@ class _HaikuGroupNorm(hk.Module):
 def naive_group_norm():
   """While active, new networks use `hk.GroupNorm` and the step runs the two
   views in two passes: the baseline of `gn+ws_naive`."""
-  saved = layers.GroupNorm, experiment.batch_independent
+  saved = layers.GroupNorm, model.batch_independent
   layers.GroupNorm = _HaikuGroupNorm
-  experiment.batch_independent = lambda config: False
+  model.batch_independent = lambda config: False
   try:
     yield
   finally:
-    layers.GroupNorm, experiment.batch_independent = saved
+    layers.GroupNorm, model.batch_independent = saved
 
 
 class TorchReference:
@@ -198,12 +200,13 @@ def time_step(config, after_step=None):
   batch = {'view1': rng.uniform(size=shape).astype(np.float32),
            'view2': rng.uniform(size=shape).astype(np.float32),
            'labels': rng.randint(0, 10, size=shape[:3]).astype(np.int32)}
-  forward = experiment.make_forward(config, 10, experiment.AXIS)
-  optimizer = experiment.make_optimizer(config, 1000, 10)
+  forward = model.make_forward(config, 10, devices.AXIS)
+  optimizer = update_lib.make_optimizer(config, 1000, 10)
   init = jax.pmap(experiment.make_init_fn(config, forward, optimizer),
-                  axis_name=experiment.AXIS)
-  update = jax.pmap(experiment.make_update_fn(config, forward, optimizer, 1000),
-                    axis_name=experiment.AXIS, donate_argnums=(0,))
+                  axis_name=devices.AXIS)
+  update = jax.pmap(
+      update_lib.make_update_fn(config, forward, optimizer, 1000, 10),
+      axis_name=devices.AXIS, donate_argnums=(0,))
   key = devices.replicate(jax.random.PRNGKey(0))
   state = init(key, np.zeros((n, per_device, s, s, 3), np.float32))
   batch = jax.tree.map(lambda x: jax.device_put(

@@ -30,6 +30,7 @@ from byol import diagnostics
 from byol import eval_experiment
 from byol import experiment
 from byol import files
+from byol import model
 from byol import train_loop
 from byol.errors import UserError
 from configs import byol as byol_config
@@ -160,7 +161,7 @@ def initial_proj_std(config: ml_collections.ConfigDict, state) -> float:
   augmented, network in training mode.
   """
   c = config
-  forward = experiment.make_forward(
+  forward = model.make_forward(
       c, dataset_lib.num_classes(c.data.dataset), axis_name=None)
   aug_rng, fwd_rng = jax.random.split(jax.random.PRNGKey(c.seed))
   images = experiment.augmented_batch(c, c.training.batch_size,

@@ -8,6 +8,7 @@ import pytest
 from byol import bn_init
 from byol import devices
 from byol import experiment
+from byol import model
 from byol import train_loop
 from test_experiment import tiny_config
 
@@ -25,7 +26,7 @@ def _assert_outputs_close(got, expected):
 
 
 def _forward(config):
-  return experiment.make_forward(config, 10, axis_name=None)
+  return model.make_forward(config, 10, axis_name=None)
 
 
 def _images(seed=0, batch=BATCH):

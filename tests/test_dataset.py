@@ -12,14 +12,17 @@ import tensorflow_datasets as tfds
 
 from byol import dataset
 from byol import errors
+from byol.data import crops
+from byol.data import fashion_mnist
+from byol.data import splits
 
 Split, Mode = dataset.Split, dataset.PreprocessMode
 
-_FASHION_DIR = (os.environ.get(dataset.FASHION_MNIST_ENV) or
-                dataset.FASHION_MNIST_DEBIAN_DIR)
+_FASHION_DIR = (os.environ.get(fashion_mnist.FASHION_MNIST_ENV) or
+                fashion_mnist.FASHION_MNIST_DEBIAN_DIR)
 needs_fashion_mnist = pytest.mark.skipif(
     not all(os.path.isfile(os.path.join(_FASHION_DIR, f))
-            for f in dataset.FASHION_MNIST_FILES.values()),
+            for f in fashion_mnist.FASHION_MNIST_FILES.values()),
     reason=f'Fashion-MNIST idx files not in {_FASHION_DIR} '
            '(apt-get install dataset-fashion-mnist)')
 
@@ -44,8 +47,8 @@ def _take(iterator, n):
     ('fashion_mnist', (60_000, 50_000, 10_000, 10_000)),
 ])
 def test_num_examples(name, sizes):
-  splits = (Split.TRAIN_AND_VALID, Split.TRAIN, Split.VALID, Split.TEST)
-  assert tuple(dataset.num_examples(s, name) for s in splits) == sizes
+  every = (Split.TRAIN_AND_VALID, Split.TRAIN, Split.VALID, Split.TEST)
+  assert tuple(dataset.num_examples(s, name) for s in every) == sizes
   assert (dataset.num_examples(Split.TRAIN, name) +
           dataset.num_examples(Split.VALID, name) ==
           dataset.num_examples(Split.TRAIN_AND_VALID, name))
@@ -72,8 +75,8 @@ def test_normalize_numpy_and_jax():
 
 @needs_fashion_mnist
 def test_fashion_mnist_stats_match_train_set():
-  pixels = dataset._read_idx(os.path.join(  # pylint: disable=protected-access
-      _FASHION_DIR, dataset.FASHION_MNIST_FILES['train_images'])) / 255.
+  pixels = fashion_mnist.read_idx(os.path.join(
+      _FASHION_DIR, fashion_mnist.FASHION_MNIST_FILES['train_images'])) / 255.
   mean, std = dataset.normalization_stats('fashion_mnist')
   assert abs(pixels.mean() - mean[0]) < 1e-6
   assert abs(pixels.std() - std[0]) < 1e-6
@@ -83,8 +86,8 @@ def test_fashion_mnist_stats_match_train_set():
 
 
 def _boxes(height, width, n, seed=(3, 5), **kwargs):
-  return dataset.sample_crop_boxes(np.asarray(seed, np.int64), height, width,
-                                   n, **kwargs).numpy()
+  return crops.sample_crop_boxes(np.asarray(seed, np.int64), height, width,
+                                 n, **kwargs).numpy()
 
 
 def _rule_reference(height, width, n, seed=0):
@@ -226,7 +229,7 @@ def test_centre_crop_decodes_that_box():
   window = tf.cast(decoded[y:y + side, x:x + side], tf.float32) / 255.
   expected = tf.clip_by_value(
       tf.image.resize(window, [224, 224], method='bicubic'), 0., 1.)
-  out = dataset._centre_crop(jpeg, 224)  # pylint: disable=protected-access
+  out = crops.centre_crop(jpeg, 224)
   np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=1e-6)
 
 
@@ -270,8 +273,8 @@ def test_fashion_mnist_eval_sees_every_test_example_once():
   assert images.min() >= 0 and images.max() <= 1
   # Gray -> RGB, and at the source size the "resize" is the identity.
   np.testing.assert_array_equal(b['images'][..., 0], b['images'][..., 2])
-  raw = dataset._read_idx(os.path.join(  # pylint: disable=protected-access
-      _FASHION_DIR, dataset.FASHION_MNIST_FILES['test_images']))
+  raw = fashion_mnist.read_idx(os.path.join(
+      _FASHION_DIR, fashion_mnist.FASHION_MNIST_FILES['test_images']))
   np.testing.assert_allclose(b['images'][0, :, :, :, 1] * 255, raw[:256],
                              atol=1e-2)
 
@@ -292,7 +295,7 @@ def test_fashion_mnist_shards_are_disjoint_and_cover_the_split():
 def test_shard_ranges_partition_every_split():
   for count in (10, 1_271_167, 50_000):
     for processes in (1, 3, 7):
-      ranges = [dataset._shard_range(5, count, i, processes)  # pylint: disable=protected-access
+      ranges = [splits.shard_range(5, count, i, processes)
                 for i in range(processes)]
       assert ranges[0][0] == 5 and ranges[-1][1] == 5 + count
       assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
@@ -415,7 +418,7 @@ def test_missing_fashion_mnist_names_both_remedies(tmp_path):
   assert '\n' not in message
   assert 'apt-get install dataset-fashion-mnist' in message
   assert "tfds.load('fashion_mnist')" in message
-  assert str(tmp_path) in message and dataset.FASHION_MNIST_ENV in message
+  assert str(tmp_path) in message and fashion_mnist.FASHION_MNIST_ENV in message
 
 
 @pytest.mark.parametrize('kwargs, words', [

@@ -15,6 +15,8 @@ from byol import checkpointing
 from byol import dataset
 from byol import eval_experiment
 from byol import experiment
+from byol import model
+from byol import update
 from byol.errors import ConfigError
 from byol.evaluation import finetune
 from byol.evaluation import linear
@@ -136,9 +138,9 @@ def tiny_workdir(tmp_path_factory):
   """A pretraining workdir: config.json + the checkpoint of an initial state."""
   workdir = str(tmp_path_factory.mktemp('pretrain'))
   config = tiny_config('local')
-  forward = experiment.make_forward(config, 10, axis_name=None)
+  forward = model.make_forward(config, 10, axis_name=None)
   init = jax.jit(experiment.make_init_fn(
-      config, forward, experiment.make_optimizer(config, 2, 0)))
+      config, forward, update.make_optimizer(config, 2, 0)))
   state = init(jax.random.PRNGKey(0), np.zeros((2, 16, 16, 3), np.float32))
   checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')).save(
       0, jax.tree.map(np.asarray, state))
@@ -318,11 +320,21 @@ def test_a_workdir_without_a_run_is_a_user_error(tmp_path):
     eval_experiment.run(_eval_config('fast'), str(tmp_path))
 
 
+def test_a_config_no_network_can_be_built_from_is_a_user_error(tmp_path):
+  config = json.loads(tiny_config('local').to_json_best_effort())
+  config['model']['encoder']['norm'] = 'banana'
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(eval_experiment.EvalError,
+                     match=r'config\.json is not the config .*model\.encoder'):
+    eval_experiment.run(_eval_config('fast'), str(tmp_path))
+  assert os.listdir(tmp_path) == ['config.json']
+
+
 def test_batchnorm_statistics_are_calibrated_before_probing_an_init_net():
   config = tiny_config('local,bn')
-  forward = experiment.make_forward(config, 10, axis_name=None)
+  forward = model.make_forward(config, 10, axis_name=None)
   init = jax.jit(experiment.make_init_fn(
-      config, forward, experiment.make_optimizer(config, 2, 0)))
+      config, forward, update.make_optimizer(config, 2, 0)))
   # As PretrainExperiment does: Haiku's init pass runs on zero images.
   state = init(jax.random.PRNGKey(0), np.zeros((2, 16, 16, 3), np.float32))
   embed = jax.jit(eval_experiment.make_embed_fn(config))

@@ -7,8 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from byol import devices
 from byol import experiment
+from byol import model
 from byol import schedules
+from byol import update as update_lib
 from configs import byol as byol_config
 
 NUM_DEVICES = 4  # tests/conftest.py forces 4 CPU devices
@@ -50,27 +53,27 @@ def fixed_batch(num_devices, accum=1, per_device=None, seed=0):
 def compiled(variant, method, num_devices):
   """(init, update, config), pmapped over `num_devices`; cached per variant."""
   config = tiny_config(variant, method=method)
-  forward = experiment.make_forward(config, 10, experiment.AXIS)
+  forward = model.make_forward(config, 10, devices.AXIS)
   total = config.training.max_steps
-  optimizer = experiment.make_optimizer(config, total,
-                                        experiment.warmup_steps(config))
-  devices = jax.local_devices()[:num_devices]
+  warmup = experiment.warmup_steps(config)
+  optimizer = update_lib.make_optimizer(config, total, warmup)
+  local = jax.local_devices()[:num_devices]
   init = jax.pmap(experiment.make_init_fn(config, forward, optimizer),
-                  axis_name=experiment.AXIS, devices=devices)
+                  axis_name=devices.AXIS, devices=local)
   update = jax.pmap(
-      experiment.make_update_fn(config, forward, optimizer, total),
-      axis_name=experiment.AXIS, devices=devices)
+      update_lib.make_update_fn(config, forward, optimizer, total, warmup),
+      axis_name=devices.AXIS, devices=local)
   return init, update, config
 
 
 def jitted(config):
   """(init, update) of `config` under jit on one device, 20 total steps, no
   warm-up."""
-  forward = experiment.make_forward(config, 10, axis_name=None)
-  optimizer = experiment.make_optimizer(config, 20, 0)
+  forward = model.make_forward(config, 10, axis_name=None)
+  optimizer = update_lib.make_optimizer(config, 20, 0)
   init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
-  update = jax.jit(experiment.make_update_fn(config, forward, optimizer, 20,
-                                             axis_name=None))
+  update = jax.jit(update_lib.make_update_fn(config, forward, optimizer, 20,
+                                             0, axis_name=None))
   return init, update
 
 
@@ -166,7 +169,7 @@ def test_target_is_an_ema_of_the_new_online_params():
 
 def test_classifier_gradient_does_not_reach_the_encoder():
   config = tiny_config('local')
-  forward = experiment.make_forward(config, 10, axis_name=None)
+  forward = model.make_forward(config, 10, axis_name=None)
   x = jnp.asarray(np.random.RandomState(0).uniform(
       size=(4, IMAGE, IMAGE, 3)), jnp.float32)
   params, state = forward.init(jax.random.PRNGKey(0), x, True)

@@ -121,8 +121,8 @@ def test_tensorflow_starts_silently():
   # On CPUs with AVX-512 TensorFlow 2.21 prints "WARNING: All log messages
   # before absl::InitializeLog() ..." and "oneDNN custom operations are on"
   # at import unless oneDNN is off, whatever TF_CPP_MIN_LOG_LEVEL says.
-  code = ('from byol import dataset; '
-          'dataset.tf.constant(1.0); dataset.tfds.Split.TRAIN')
+  code = ('from byol.data import splits; '
+          'splits.tf.constant(1.0); splits.tfds.Split.TRAIN')
   result = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
                           capture_output=True, text=True, timeout=120,
                           env=_bare_env())
@@ -133,6 +133,20 @@ def test_tensorflow_starts_silently():
 def test_evaluating_a_workdir_without_a_run(tmp_path):
   result = run_main(['--config=configs/eval.py:local,fast'], tmp_path)
   assert_user_error(result, 'config.json')
+
+
+@pytest.mark.parametrize('text, fragment', [
+    ('{broken', 'not valid JSON'),
+    ('[1, 2]', 'does not hold a config'),
+    ('{"method": "byol"}', "no field 'model'"),
+])
+def test_evaluating_a_workdir_with_a_damaged_config(tmp_path, text, fragment):
+  path = tmp_path / 'config.json'
+  path.write_text(text)
+  result = run_main(['--config=configs/eval.py:local,fast'], tmp_path)
+  assert_user_error(result, 'config.json', fragment)
+  assert path.read_text() == text
+  assert sorted(os.listdir(tmp_path)) == ['config.json']
 
 
 def test_unwritable_workdir(tmp_path):

@@ -249,7 +249,7 @@ def test_masks_do_not_change_the_optimizer_state_structure():
 
 
 def test_predictor_lr_multiplier_scales_only_the_predictor():
-  from byol import experiment  # pylint: disable=g-import-not-at-top
+  from byol import update  # pylint: disable=g-import-not-at-top
   from configs import byol as byol_config  # pylint: disable=g-import-not-at-top
 
   def updates(multiplier):
@@ -259,7 +259,7 @@ def test_predictor_lr_multiplier_scales_only_the_predictor():
     c.training.predictor_lr_multiplier = multiplier
     params = _head_params()
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
-    return _one_update(experiment.make_optimizer(c, 100, 0), params, grads)
+    return _one_update(update.make_optimizer(c, 100, 0), params, grads)
 
   base, fast = updates(1.0), updates(10.0)
   for module in base:

@@ -73,6 +73,7 @@ def test_metrics_hold_collapse_diagnostics_and_the_test_accuracy(
   from byol import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
   from byol import diagnostics  # pylint: disable=g-import-not-at-top
   from byol import experiment  # pylint: disable=g-import-not-at-top
+  from byol import model  # pylint: disable=g-import-not-at-top
   import tiny_runs  # pylint: disable=g-import-not-at-top
 
   workdir = tiny_runs.reference_run(tmp_path_factory)
@@ -95,7 +96,7 @@ def test_metrics_hold_collapse_diagnostics_and_the_test_accuracy(
       dataset_lib.Split.TRAIN_AND_VALID,
       preprocess_mode=dataset_lib.PreprocessMode.EVAL, batch_dims=[64],
       dataset=config.data.dataset, image_size=config.data.image_size))
-  forward = experiment.make_forward(config, 10, axis_name=None)
+  forward = model.make_forward(config, 10, axis_name=None)
   out, _ = forward.apply(
       state.online_params, state.online_state, None,
       dataset_lib.normalize(batch['images'], dataset=config.data.dataset), True)

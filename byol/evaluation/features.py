@@ -18,7 +18,7 @@ import numpy as np
 from byol import augmentations
 from byol import dataset as dataset_lib
 from byol import devices
-from byol import experiment as experiment_lib
+from byol import model
 from byol.inference import extract_features  # pylint: disable=unused-import
 
 EmbedFn = Callable[[hk.Params, hk.State, jax.Array], jax.Array]
@@ -36,7 +36,7 @@ def make_encoder_apply(pretrain_config: ml_collections.ConfigDict,
   given) and the returned state carries its updated moving averages.
   """
   num_classes = dataset_lib.num_classes(pretrain_config.data.dataset)
-  forward = experiment_lib.make_forward(pretrain_config, num_classes,
+  forward = model.make_forward(pretrain_config, num_classes,
                                         axis_name=axis_name)
   normalize = functools.partial(dataset_lib.normalize,
                                 dataset=pretrain_config.data.dataset)
@@ -83,10 +83,10 @@ def calibrate_batchnorm(config: ml_collections.ConfigDict, params: hk.Params,
   The parameters are not touched. Networks without BatchNorm are returned
   unchanged.
   """
-  if experiment_lib.batch_independent(config):
+  if model.batch_independent(config):
     return state
   c = config
-  forward = experiment_lib.make_forward(
+  forward = model.make_forward(
       c, dataset_lib.num_classes(c.data.dataset), axis_name=None)
   it = dataset_lib.load(
       dataset_lib.Split.TRAIN_AND_VALID,

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from byol import dataset as dataset_lib
+from byol import train_loop
 from byol.errors import ConfigError
 
 Printer = Callable[[str], None]
@@ -51,14 +52,6 @@ def num_steps(epochs: float, max_steps: int, num_train: int,
   if max_steps > 0:
     return int(max_steps)
   return max(1, int(epochs * num_train // batch_size))
-
-
-def format_duration(seconds: float) -> str:
-  """`1h02m` or `3m05s`."""
-  seconds = int(max(0, seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
 def train_input(data: DataSpec, split, batch_size: int,
@@ -99,7 +92,7 @@ def run_steps(step_fn: Callable[[Any, Dict[str, np.ndarray]],
     eta = (steps - done) * batch_size / max(rate, 1e-9)
     printer(f'[{tag}] step {done}/{steps}  loss '
             f'{" ".join(f"{l:.4f}" for l in loss)}  {rate:.0f} img/s  '
-            f'ETA {format_duration(eta)}')
+            f'ETA {train_loop.format_duration(eta)}')
     if metrics is not None:
       metrics({'step': done, 'images_per_sec': rate, **record(step, loss)})
   return carry

@@ -52,18 +52,21 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
   std = x.std(0) + 1e-6
   xs = jnp.asarray(((x - mean) / std).astype(np.float32))
   labels = jnp.asarray(y, jnp.int32)
-
-  def objective(params):
-    logits = xs @ params['w'] + params['b']
-    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                                  labels))
-    return ce + 0.5 * l2 * jnp.sum(params['w'] ** 2)
-
   opt = optax.lbfgs()
-  value_and_grad = optax.value_and_grad_from_state(objective)
 
+  # The data are arguments, not constants closed over: XLA would fold the
+  # cross-entropy's gradient (a scatter-add at the constant labels) at
+  # compile time, slowly, and print a warning about it.
   @jax.jit
-  def fit(params):
+  def fit(params, xs, labels):
+    def objective(params):
+      logits = xs @ params['w'] + params['b']
+      ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                                    labels))
+      return ce + 0.5 * l2 * jnp.sum(params['w'] ** 2)
+
+    value_and_grad = optax.value_and_grad_from_state(objective)
+
     def body(carry, _):
       params, opt_state = carry
       value, grad = value_and_grad(params, state=opt_state)
@@ -75,7 +78,7 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
     return params
 
   params = fit({'w': jnp.zeros((x.shape[1], num_classes), jnp.float32),
-                'b': jnp.zeros((num_classes,), jnp.float32)})
+                'b': jnp.zeros((num_classes,), jnp.float32)}, xs, labels)
   w, b = np.asarray(params['w']), np.asarray(params['b'])
 
   def predict(features):
@@ -121,8 +124,10 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   train_labels = jnp.asarray(train_y, jnp.int32)
   k = min(k, train.shape[0])
 
+  # The training features and labels are arguments, not constants: see
+  # `fit_logistic_regression`.
   @jax.jit
-  def scores(q):
+  def scores(q, train, train_labels):
     sim = q @ train.T
     top_sim, top_idx = jax.lax.top_k(sim, k)
     weights = jnp.exp((top_sim - 1.0) / temperature)  # shifted: no overflow
@@ -137,7 +142,8 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     q = test[start:start + chunk]
     pad = chunk - q.shape[0]
     q = np.pad(q, ((0, pad), (0, 0)))  # one compiled shape for every chunk
-    out.append(np.asarray(scores(jnp.asarray(q)))[:chunk - pad])
+    out.append(np.asarray(scores(jnp.asarray(q), train, train_labels))
+               [:chunk - pad])
   return np.concatenate(out)
 
 

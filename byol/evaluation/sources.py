@@ -1,13 +1,15 @@
 """Where the evaluated network comes from: a pretraining workdir's checkpoint."""
 
-import json
 import os
 from typing import Optional
 
 import ml_collections
 
 from byol import checkpointing
+from byol import dataset as dataset_lib
 from byol import experiment as experiment_lib
+from byol import files
+from byol import model
 from byol.errors import UserError
 
 
@@ -16,16 +18,47 @@ class EvalError(UserError):
 
 
 def read_pretrain_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json of a pretraining workdir; `EvalError` if it has none."""
+  """The config.json of a pretraining workdir, checked as a run's config.
+
+  Raises:
+    EvalError: there is no config.json, or it is damaged, or it is not the
+      config of a run that could have been trained (fields missing or
+      impossible), so that no network can be built from it.
+  """
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise EvalError(f'{workdir} has no config.json: it is not a pretraining '
-                    'workdir (run main.py --config=configs/byol.py there first)')
+  remedy = ('put back the config.json the run wrote, or evaluate another '
+            '--workdir')
   try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise EvalError(f'cannot read {path}: {str(e).splitlines()[0]}') from None
+    raw = files.read_json(path, remedy)
+  except FileNotFoundError:
+    raise EvalError(f'{workdir} has no config.json: it is not a pretraining '
+                    'workdir (run main.py --config=configs/byol.py there '
+                    'first)') from None
+  except UserError as e:
+    raise EvalError(str(e)) from None
+  if not isinstance(raw, dict):
+    raise EvalError(f'{path} does not hold a config; {remedy}')
+  config = ml_collections.ConfigDict(raw)
+  try:
+    experiment_lib.validate_config(config)
+    model.check_model(config, dataset_lib.num_classes(config.data.dataset))
+  # A field missing (AttributeError, KeyError) or of the wrong type
+  # (TypeError), or one the network's constructors refuse (ValueError).
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise EvalError(f'{path} is not the config of a pretraining run '
+                    f'({_reason(e)}); {remedy}') from None
+  return config
+
+
+def _reason(error: Exception) -> str:
+  """One line on why a config was refused: `no field 'x'` for a missing one."""
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  if isinstance(error, (AttributeError, KeyError)):
+    # ConfigDict reports a missing field as its quoted name, "'x'".
+    name = text.strip('"\'')
+    if name.isidentifier():
+      return f'no field {name!r}'
+  return text
 
 
 def load_pretrained(workdir: str, step: Optional[int] = None,
