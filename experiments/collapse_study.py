@@ -76,7 +76,7 @@ def label(row: study.Row) -> str:
            'BN' if row.encoder == 'bn' else 'no norm')
   changes = [f'{k.split(".")[-1]}={v:g}' if isinstance(v, float)
              and not isinstance(v, bool) else f'{k.split(".")[-1]}={v}'
-             for k, v in row.extra]
+             for k, v in dict(row.extra).items()]
   return f'{norms}: ' + ', '.join(changes)
 
 
