@@ -80,7 +80,11 @@ def _dm_names(tree):
 
 
 def _trace(opt_state):
-  return next(s.trace for s in opt_state if isinstance(s, optax.TraceState))
+  # Anywhere in the chain: the local preset nests LARS inside a further chain
+  # (the predictor's learning-rate multiplier).
+  nodes = jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.TraceState))
+  return next(s.trace for s in nodes if isinstance(s, optax.TraceState))
 
 
 def random_state(config, step, seed=0):
