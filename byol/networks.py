@@ -197,35 +197,18 @@ class ResNet(hk.Module):
       ValueError: for an impossible configuration.
     """
     super().__init__(name=name)
-    if len(blocks_per_group) != 4 or min(blocks_per_group) < 1:
-      raise ValueError(f'{self.module_name}: blocks_per_group must be 4 '
-                       f'positive counts, got {tuple(blocks_per_group)}')
-    if not width_multiplier > 0:
-      raise ValueError(f'{self.module_name}: width_multiplier must be '
-                       f'positive, got {width_multiplier}')
-    if stem not in STEMS:
-      raise ValueError(f'{self.module_name}: unknown stem {stem!r}; choose '
-                       f'from {", ".join(STEMS)}')
-
-    def scaled(channels, layer):
-      out = int(round(channels * width_multiplier))
-      if out < 1:
-        raise ValueError(f'{self.module_name}/~/{layer}: width_multiplier='
-                         f'{width_multiplier} leaves {out} of its {channels} '
-                         'channels')
-      return out
-
+    self._check(blocks_per_group, width_multiplier, stem)
     self.num_classes = num_classes
     self.stem = stem
     self.dtype = layers.as_dtype(dtype)
+    self.width_multiplier = width_multiplier
     norm_factory = layers.make_norm(
         norm, num_groups=num_groups, bn_decay=bn_decay, bn_eps=bn_eps,
         gn_eps=gn_eps, cross_replica_axis=cross_replica_axis)
     conv = layers.make_conv(weight_standardization, ws_eps=ws_eps,
-                            fast=fast_conv,
-                            dtype=self.dtype)
+                            fast=fast_conv, dtype=self.dtype)
 
-    stem_channels = scaled(64, 'initial_conv')
+    stem_channels = self._scaled(64, 'initial_conv')
     if stem == 'imagenet':
       self.initial_conv = conv(stem_channels, 7, 2, name='initial_conv')
     else:
@@ -237,9 +220,9 @@ class ResNet(hk.Module):
     for i, (num_blocks, stride) in enumerate(zip(blocks_per_group,
                                                  (1, 2, 2, 2))):
       group = BlockGroup(
-          width=scaled(64 * 2**i, f'block_group_{i}'), num_blocks=num_blocks,
-          stride=stride, input_channels=channels, bottleneck=bottleneck,
-          conv=conv, norm=norm_factory,
+          width=self._scaled(64 * 2**i, f'block_group_{i}'),
+          num_blocks=num_blocks, stride=stride, input_channels=channels,
+          bottleneck=bottleneck, conv=conv, norm=norm_factory,
           zero_init_last_scale=zero_init_last_scale,
           name=f'block_group_{i}')
       self.block_groups.append(group)
@@ -248,7 +231,27 @@ class ResNet(hk.Module):
 
     if num_classes is not None:
       self.logits = layers.Linear(num_classes, compute_dtype=jnp.float32,
-                           name='logits')
+                                  name='logits')
+
+  def _check(self, blocks_per_group, width_multiplier, stem) -> None:
+    if len(blocks_per_group) != 4 or min(blocks_per_group) < 1:
+      raise ValueError(f'{self.module_name}: blocks_per_group must be 4 '
+                       f'positive counts, got {tuple(blocks_per_group)}')
+    if not width_multiplier > 0:
+      raise ValueError(f'{self.module_name}: width_multiplier must be '
+                       f'positive, got {width_multiplier}')
+    if stem not in STEMS:
+      raise ValueError(f'{self.module_name}: unknown stem {stem!r}; choose '
+                       f'from {", ".join(STEMS)}')
+
+  def _scaled(self, channels: int, layer: str) -> int:
+    """`channels` x the width multiplier, rounded; at least 1 or an error."""
+    out = int(round(channels * self.width_multiplier))
+    if out < 1:
+      raise ValueError(f'{self.module_name}/~/{layer}: width_multiplier='
+                       f'{self.width_multiplier} leaves {out} of its '
+                       f'{channels} channels')
+    return out
 
   def __call__(self, images: jax.Array, is_training: bool) -> jax.Array:
     out = self.initial_conv(images.astype(self.dtype))
