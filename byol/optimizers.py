@@ -72,7 +72,7 @@ def include_all(params):
 
 def lars(learning_rate, *, weight_decay=0., eta=1e-3, momentum=0.9,
          mask_fn=exclude_bias_and_norm, weight_decay_mask_fn=None,
-         trust_ratio_mask_fn=None):
+         trust_ratio_mask_fn=None, lr_multiplier=1.0, lr_multiplier_where=None):
   """LARS with the learning rate applied after momentum (DeepMind's rule).
 
   Args:
@@ -86,10 +86,13 @@ def lars(learning_rate, *, weight_decay=0., eta=1e-3, momentum=0.9,
       ratio apply; None applies them everywhere.
     weight_decay_mask_fn: overrides `mask_fn` for weight decay alone.
     trust_ratio_mask_fn: overrides `mask_fn` for the trust ratio alone.
+    lr_multiplier: multiplies the learning rate of the parameters that
+      `lr_multiplier_where` (`str -> bool` on the key path) selects.
+    lr_multiplier_where: see `lr_multiplier`.
 
   Returns:
     An `optax.GradientTransformation`. Its state has the same structure
-    whatever the masks, so checkpoints do not depend on them.
+    whatever the masks and multiplier, so checkpoints do not depend on them.
   """
   mask_fn = mask_fn or include_all
   wd_mask = weight_decay_mask_fn or mask_fn
@@ -102,26 +105,34 @@ def lars(learning_rate, *, weight_decay=0., eta=1e-3, momentum=0.9,
                    trust_mask),
       optax.trace(decay=momentum),
       # Last, so that the step size multiplies the accumulated momentum.
-      optax.scale_by_learning_rate(learning_rate),
+      scale_by_learning_rate(learning_rate, lr_multiplier,
+                             lr_multiplier_where),
   )
 
 
-def scale_where(factor, predicate):
-  """Multiplies the updates of the parameters whose path satisfies `predicate`.
-
-  Chained after `lars`, this multiplies those parameters' learning rate by
-  `factor` (the learning rate is LARS' last factor). Stateless.
+def scale_by_learning_rate(learning_rate, multiplier=1.0, where=None):
+  """`optax.scale_by_learning_rate`, times `multiplier` on some parameters.
 
   Args:
-    factor: the multiplier.
-    predicate: `str -> bool` on a leaf's key path (`jax.tree_util.keystr`),
-      e.g. `lambda path: 'predictor' in path`.
-  """
-  def update(updates, state, params=None):
-    del params
-    scaled = jax.tree_util.tree_map_with_path(
-        lambda path, u: u * factor if predicate(jax.tree_util.keystr(path))
-        else u, updates)
-    return scaled, state
+    learning_rate: a float or an optax schedule.
+    multiplier: the factor on the learning rate of the parameters `where`
+      selects.
+    where: `str -> bool` on a leaf's key path (`jax.tree_util.keystr`), e.g.
+      `lambda path: "'predictor/" in path`.
 
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+  Returns:
+    A transformation with the same state as `optax.scale_by_learning_rate`
+    whatever the multiplier, so that checkpoints do not depend on it.
+  """
+  base = optax.scale_by_learning_rate(learning_rate)
+  if multiplier == 1.0 or where is None:
+    return base
+
+  def update(updates, state, params=None):
+    updates, state = base.update(updates, state, params)
+    updates = jax.tree_util.tree_map_with_path(
+        lambda path, u: u * multiplier if where(jax.tree_util.keystr(path))
+        else u, updates)
+    return updates, state
+
+  return optax.GradientTransformation(base.init, update)

@@ -42,10 +42,9 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
       weight_decay_mask_fn=(optimizers.include_all
                             if t.weight_decay_on_norm_and_bias else dm_rule),
       trust_ratio_mask_fn=(optimizers.include_all
-                           if t.trust_ratio_on_norm_and_bias else dm_rule))
-  if t.predictor_lr_multiplier != 1.0:
-    optimizer = optax.chain(optimizer, optimizers.scale_where(
-        t.predictor_lr_multiplier, lambda path: "'predictor/" in path))
+                           if t.trust_ratio_on_norm_and_bias else dm_rule),
+      lr_multiplier=t.predictor_lr_multiplier,
+      lr_multiplier_where=lambda path: "'predictor/" in path)
   return optimizer
 
 

@@ -80,8 +80,7 @@ def _dm_names(tree):
 
 
 def _trace(opt_state):
-  # Anywhere in the chain: the local preset nests LARS inside a further chain
-  # (the predictor's learning-rate multiplier).
+  # Anywhere in the optimizer's (nested) chain state.
   nodes = jax.tree_util.tree_leaves(
       opt_state, is_leaf=lambda x: isinstance(x, optax.TraceState))
   return next(s.trace for s in nodes if isinstance(s, optax.TraceState))

@@ -262,6 +262,15 @@ def test_predictor_lr_multiplier_scales_only_the_predictor():
     return _one_update(update.make_optimizer(c, 100, 0), params, grads)
 
   base, fast = updates(1.0), updates(10.0)
+  # The optimizer state is the same whatever the multiplier (checkpoints).
+  c = byol_config.get_config('local')
+  structures = []
+  for multiplier in (1.0, 10.0):
+    c.unlock()
+    c.training.predictor_lr_multiplier = multiplier
+    structures.append(jax.tree.structure(
+        update.make_optimizer(c, 100, 0).init(_head_params())))
+  assert structures[0] == structures[1]
   for module in base:
     for name in base[module]:
       factor = 10.0 if module.startswith('predictor/') else 1.0
