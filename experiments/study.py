@@ -364,7 +364,7 @@ def write_table(path: str, results: Dict[str, dict], baseline: dict, *,
               f'{max_train_examples if max_train_examples > 0 else "all"} '
               'train examples and scored on the first '
               f'{max_test_examples if max_test_examples > 0 else "all"} test '
-              'examples only.')
+              'examples.')
   lengths = sorted({_length(r['config']) for r in results.values()})
   lines = [
       title or f'# BYOL without batch statistics: the ablation table on '
