@@ -30,8 +30,8 @@ from byol.evaluation import probe as probe_lib
 from byol.evaluation import sources
 # Re-exported: the public pieces of the protocols.
 from byol.evaluation.features import (EmbedFn, calibrate_batchnorm,  # pylint: disable=unused-import
-                                      extract_features, make_embed_fn,
-                                      pixels_embed)
+                                      make_embed_fn, pixels_embed)
+from byol.inference import extract_features  # pylint: disable=unused-import
 from byol.evaluation.linear import LinearEvalFns, make_linear_eval_fns  # pylint: disable=unused-import
 from byol.evaluation.probe import (feature_probe, fit_logistic_regression,  # pylint: disable=unused-import
                                    knn_predict, topk_accuracy)

@@ -14,7 +14,8 @@ number in it picks the epoch preset:
                   (encoder/projector/predictor norms become `affine`).
   simclr          SimCLR instead of BYOL (no predictor, no target network).
   local           the CPU preset: Fashion-MNIST, tiny small-stem ResNet,
-                  minutes on 2 cores, deterministic.
+                  predictor learning rate x10 (README, "Collapse at CPU
+                  scale"), minutes on 2 cores, deterministic.
   40|100|300|1000 epoch preset (lr, weight decay, tau_base as DeepMind's BYOL).
 
 Commands (each field can be overridden with --config.FIELD=VALUE):
@@ -195,7 +196,7 @@ def _local(c):
   c.data.dataset = 'fashion_mnist'
   c.data.image_size = 24
   c.training.batch_size = 256
-  # About 11 minutes of 2 CPU cores (~130 images/s); see README, "Results".
+  # About 4 minutes of pretraining on 2 idle CPU cores; see README, "Results".
   c.training.epochs = 1.5
   c.training.warmup_epochs = 0.15
   c.training.base_lr = 1.0

@@ -53,7 +53,6 @@ from byol import devices
 from byol import experiment
 from byol import layers
 from byol import model
-from byol import networks
 from byol import update as update_lib
 from configs import byol as byol_config
 

@@ -17,10 +17,8 @@ import dataclasses
 import datetime
 import json
 import os
-import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
-from absl import flags
+from typing import Dict, List, Sequence, Tuple
 import jax
 import ml_collections
 import numpy as np

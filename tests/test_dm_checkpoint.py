@@ -70,13 +70,9 @@ def deepmind_modules(monkeypatch):
 
 
 def _dm_names(tree):
-  """Our Haiku tree with DeepMind's names: the heads' BN is `batch_norm`."""
-  def rename(module):
-    parts = module.split('/')
-    if parts[0] in ('projector', 'predictor'):
-      parts = ['batch_norm' if p == 'batchnorm' else p for p in parts]
-    return '/'.join(parts)
-  return {rename(m): dict(v) for m, v in tree.items()}
+  """Our Haiku tree as plain dicts, as DeepMind's file holds it (our module
+  names are DeepMind's, the heads' `batch_norm` included)."""
+  return {m: dict(v) for m, v in tree.items()}
 
 
 def _trace(opt_state):

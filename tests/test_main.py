@@ -1,6 +1,5 @@
 """The command line: bad input gives one `error:` line, exit 2, nothing lost."""
 
-import json
 import os
 import subprocess
 import sys

@@ -17,11 +17,9 @@ import numpy as np
 
 from byol import augmentations
 from byol import dataset as dataset_lib
-from byol import devices
 from byol import model
-from byol.inference import extract_features  # pylint: disable=unused-import
+from byol.inference import EmbedFn
 
-EmbedFn = Callable[[hk.Params, hk.State, jax.Array], jax.Array]
 # `apply(params, state, images, is_training) -> (embedding, new state)`.
 EncoderApply = Callable[[hk.Params, hk.State, jax.Array, bool],
                         Tuple[jax.Array, hk.State]]

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from byol import dataset as dataset_lib
-from byol.evaluation import features as features_lib
+from byol import inference
 from byol.evaluation.features import EmbedFn
 
 
@@ -162,10 +162,10 @@ def feature_probe(embed: EmbedFn, params, state, *, dataset: str,
   kw = dict(dataset=dataset, image_size=image_size, data_dir=data_dir,
             batch_size=batch_size)
   t0 = time.time()
-  train_x, train_y = features_lib.extract_features(
+  train_x, train_y = inference.extract_features(
       embed, params, state, split=dataset_lib.Split.TRAIN_AND_VALID,
       max_examples=max_train_examples, **kw)
-  test_x, test_y = features_lib.extract_features(
+  test_x, test_y = inference.extract_features(
       embed, params, state, split=dataset_lib.Split.TEST,
       max_examples=max_test_examples, **kw)
   t1 = time.time()
