@@ -156,7 +156,8 @@ def _main(argv, printer) -> int:
   study.run_study(rows, seeds=study.parse_seeds(_SEEDS.value), epochs=epochs,
             dataset=dataset, smoke=smoke, root=root, results_dir=results_dir,
             max_train=_PROBE_TRAIN.value, max_test=_PROBE_TEST.value,
-            command='./run.sh ablation ' + ' '.join(argv), printer=printer)
+            command='./run.sh ablation ' + ' '.join(argv), printer=printer,
+            all_rows=ROWS)
   return 0
 
 

@@ -122,7 +122,7 @@ def main(argv: Sequence[str], printer=print) -> int:
         command='python -m experiments.collapse_study ' + ' '.join(argv),
         printer=printer, name=f'collapse_study_{epochs:g}ep',
         title=f'# Collapse study: GN+WS BYOL at CPU scale ({epochs:g} epochs '
-        f'per run, {dataset})', label=label)
+        f'per run, {dataset})', label=label, all_rows=ROWS)
     return 0
   except (flags.Error, UserError) as e:
     print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)

@@ -514,11 +514,15 @@ def parse_seeds(values: Sequence[str]) -> List[int]:
 def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
               dataset: str, smoke: bool, root: str, results_dir: str,
               max_train: int, max_test: int, command: str, printer=print,
-              name: str = 'ablation', title: str = '', label=Row.label) -> None:
+              name: str = 'ablation', title: str = '', label=Row.label,
+              all_rows: Sequence[Row] = ()) -> None:
   """Runs every (row, seed) not finished under `root`, then the outputs.
 
   Shared by the ablation table and the collapse study: a study is a list of
-  rows (config overrides of the local preset) and its table and plot.
+  rows (config overrides of the local preset) and its table and plot. The
+  table and plot show every finished run under `root` of `all_rows` (the
+  study's rows; default: `rows`), not only those of this call, so that a
+  study run in parts ends with one table.
   """
   if epochs <= 0:
     raise UserError(f'--epochs must be positive, got {epochs}')
@@ -592,14 +596,15 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
       root, dataset=dataset, image_size=image_size,
       max_train_examples=max_train, max_test_examples=max_test,
       printer=printer)
-  everything = load_finished(root, rows)
+  shown = list(all_rows) or list(rows)
+  everything = load_finished(root, shown)
   table_path = os.path.join(results_dir, f'{name}_{dataset}.md')
   plot_path = os.path.join(results_dir, f'{name}_{dataset}.png')
   text = write_table(table_path, everything, baseline, dataset=dataset,
                      command=command.strip(), max_train_examples=max_train,
-                     max_test_examples=max_test, rows=rows, title=title,
+                     max_test_examples=max_test, rows=shown, title=title,
                      label=label)
-  write_plot(plot_path, everything, baseline, root, rows=rows)
+  write_plot(plot_path, everything, baseline, root, rows=shown)
   printer('')
   printer(text)
   printer(f'[{name}] wrote {table_path} and {plot_path}')

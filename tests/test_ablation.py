@@ -100,6 +100,8 @@ def test_smoke_run_writes_the_table_and_skips_finished_rows(tmp_path):
   assert cells[2].endswith('(n=2)')
   mean = 100 * (seeded['linear_top1'] + first['linear_top1']) / 2
   assert abs(float(cells[2].split()[0]) - mean) < 0.01
+  # The table is of every finished row under the root, not only this call's.
+  assert '| simclr_bn_none |' in table_path.read_text()
 
   # The same root with another length is refused, not mixed into the table.
   assert ablation.main(argv + ['--epochs=2'], printer=lines.append) == 2
