@@ -39,7 +39,10 @@ def format_duration(seconds: float) -> str:
 RESUMABLE_FIELDS = ('training.log_every_steps', 'training.checkpoint_every_steps',
                     'training.keep_checkpoints', 'training.eval_every_steps',
                     'training.eval_batch_size',
-                    'training.diagnostics_batch_size')
+                    'training.diagnostics_batch_size',
+                    # How the step is arranged for the hardware, not what it
+                    # computes (the same function up to float rounding):
+                    'model.encoder.fast_conv', 'training.images_per_pass')
 # Where the run runs, not what it computes: a preempted multi-host job may come
 # back on other hosts (another coordinator address), and every process has its
 # own process_id. Like the device count, the number of processes changes how

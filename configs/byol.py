@@ -16,6 +16,9 @@ number in it picks the epoch preset:
   local           the CPU preset: Fashion-MNIST, tiny small-stem ResNet,
                   predictor learning rate x10 (README, "Collapse at CPU
                   scale"), minutes on 2 cores, deterministic.
+  local_long      `local` for 10 epochs (resumable; ~30 minutes of 2 idle
+                  cores): where the learned encoder stands against raw
+                  pixels given more time (README, "Results").
   40|100|300|1000 epoch preset (lr, weight decay, tau_base as DeepMind's BYOL).
 
 Commands (each field can be overridden with --config.FIELD=VALUE):
@@ -47,7 +50,10 @@ EPOCH_PRESETS = {
     1000: (0.2, 1.5e-6, 0.996),
 }
 
-VARIANTS = ('gnws', 'bn', 'bn_init', 'simclr', 'local')
+# The `local_long` preset's schedule: `local` run this many epochs.
+LOCAL_LONG_EPOCHS = 10.0
+
+VARIANTS = ('gnws', 'bn', 'bn_init', 'simclr', 'local', 'local_long')
 
 
 def view_augmentations(blur_prob, solarize_prob):
@@ -183,8 +189,10 @@ def get_config(arg=None):
     c.model.init = 'bn_init'
   if 'simclr' in variants:
     c.method = 'simclr'
-  if 'local' in variants:
+  if 'local' in variants or 'local_long' in variants:
     _local(c)
+  if 'local_long' in variants:
+    c.training.epochs = LOCAL_LONG_EPOCHS
   c.lock()
   return c
 

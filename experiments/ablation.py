@@ -24,13 +24,13 @@ logistic-regression baseline, the paper's ImageNet figures where known) and
 `ablation_<dataset>.png` (top-1 per row; proj_std over training per row) are
 written from every finished row of `<workdir_root>`.
 
-Scale. On 2 CPU cores the local preset trains at about 130 images/s, and the
-two probes of a row are estimated at about 3 minutes, so a row of E epochs of the
-60,000 Fashion-MNIST images costs about 60000*E/130 s + 3 min: with the
-default E = 1.25, about 12.5 minutes; the quick subset (6 rows) about 75
-minutes and the full table (14 rows) about 3 hours. `--epochs` changes E for
-every row (rows already finished with another E are refused: use another
---workdir_root).
+Scale. On 2 idle CPU cores the local preset trains at about 300 images/s
+(evaluations included), and the two probes of a row take about 3 minutes, so
+a row of E epochs of the 60,000 Fashion-MNIST images costs about
+60000*E/300 s + 3 min: with the default E = 1.25, about 7-9 minutes; the
+quick subset (6 rows) about 50 minutes per seed and the full table (14 rows)
+about 2 hours. `--epochs` changes E for every row (rows already finished with
+another E are refused: use another --workdir_root).
 
 Commands:
 

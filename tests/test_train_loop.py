@@ -45,6 +45,12 @@ def test_config_differences_ignore_the_resumable_fields():
   new = {'seed': 0, 'training': {'log_every_steps': 20, 'base_lr': 0.5},
          'distributed': {'coordinator_address': 'b:2'}, 'data': {'x': [1, 2]}}
   assert train_loop.config_differences(old, new) == ['training.base_lr']
+  # Arrangements of the same step for the hardware (a run from before they
+  # existed lacks them) are not differences either.
+  new['model'] = {'encoder': {'fast_conv': True, 'depth': 18}}
+  new['training']['images_per_pass'] = 64
+  old['model'] = {'encoder': {'depth': 18}}
+  assert train_loop.config_differences(old, new) == ['training.base_lr']
 
 
 def test_format_duration():
