@@ -61,6 +61,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 'checkpoint_every_steps', 'keep_checkpoints'):
     if t[field] <= 0:
       raise ConfigError(f'training.{field} must be positive, got {t[field]}')
+  if t.images_per_pass < 0:
+    raise ConfigError(f'training.images_per_pass must be 0 (one pass) or '
+                      f'positive, got {t.images_per_pass}')
   if t.epochs <= 0 and t.max_steps <= 0:
     raise ConfigError('set training.epochs or training.max_steps to a '
                       'positive number')

@@ -18,10 +18,17 @@ ratios are comparable even on a noisy machine.
 `gn+ws_naive` is the starting point this project was measured against:
 Haiku's own `hk.GroupNorm` in place of `layers.GroupNorm`, and the two
 views in two forward passes of B images (as BatchNorm needs) instead of one
-of 2B. It computes the same function as `gn+ws`. A `+fastconv` suffix
-(`bn+fastconv`, `gn+ws+fastconv`) runs the same network with
-`model.encoder.fast_conv=True` (`byol.fast_conv.conv2d`, the convolution
-whose backward pass is arranged for XLA:CPU).
+of 2B. It computes the same function as `gn+ws`. Without a suffix a variant
+runs the size's config as it is; suffixes, each after a `+`, change it:
+
+  +fastconv / +lax  model.encoder.fast_conv=True / False
+                    (`byol.fast_conv.conv2d`, the convolution whose backward
+                    pass is arranged for XLA:CPU, or lax's own)
+  +onepass          training.images_per_pass=0: both views in one pass
+  +passN            training.images_per_pass=N (e.g. +pass128)
+
+e.g. `gn+ws+lax+onepass` (the `local` step before the CPU preset's
+settings), `gn+ws+fastconv+pass128`, `bn+fastconv`.
 
 `--torch_python=PYTHON` also times `experiments/torch_reference.py`, the same
 network and step in PyTorch (BN and GN+WS), in a second process run by that
@@ -84,12 +91,36 @@ NORM_VARIANTS = {
     'gn+ws': ('gn', True),
     'none': ('none', False),
     'gn+ws_naive': ('gn', True),  # see naive_group_norm()
-    'bn+fastconv': ('bn', False),  # model.encoder.fast_conv=True
-    'gn+ws+fastconv': ('gn', True),
 }
-# The PyTorch reference's name for each variant it implements.
-TORCH_VARIANTS = {'bn': 'bn', 'gn+ws': 'gn+ws', 'bn+fastconv': 'bn',
-                  'gn+ws+fastconv': 'gn+ws'}
+# The PyTorch reference's name for each base variant it implements.
+TORCH_VARIANTS = {'bn': 'bn', 'gn+ws': 'gn+ws'}
+
+
+def parse_variant(name):
+  """(base variant, {config field: value}) of a name like `gn+ws+lax+pass128`.
+
+  Raises:
+    ValueError: for an unknown base or suffix.
+  """
+  for base in sorted(NORM_VARIANTS, key=len, reverse=True):
+    if name == base or name.startswith(base + '+'):
+      break
+  else:
+    raise ValueError(f'unknown variant {name!r}; choose from '
+                     f'{", ".join(NORM_VARIANTS)} (+fastconv, +lax, '
+                     '+onepass, +passN)')
+  overrides = {}
+  for suffix in name[len(base) + 1:].split('+') if name != base else []:
+    if suffix in ('fastconv', 'lax'):
+      overrides['model.encoder.fast_conv'] = suffix == 'fastconv'
+    elif suffix == 'onepass':
+      overrides['training.images_per_pass'] = 0
+    elif suffix.startswith('pass') and suffix[4:].isdigit():
+      overrides['training.images_per_pass'] = int(suffix[4:])
+    else:
+      raise ValueError(f'unknown suffix {suffix!r} in variant {name!r}; use '
+                       '+fastconv, +lax, +onepass or +passN')
+  return base, overrides
 
 
 class _HaikuGroupNorm(hk.Module):
@@ -287,11 +318,13 @@ def main(argv):
             'XLA MB | GFLOP/img |')
   print(header)
   print('|' + '---|' * (header.count('|') - 1))
-  unknown = [n for n in _NORMS.value if n not in NORM_VARIANTS]
-  if unknown:
-    print(f'error: unknown variant {unknown[0]!r}; choose from '
-          f'{", ".join(NORM_VARIANTS)}', file=sys.stderr)
-    sys.exit(2)
+  variants = {}
+  for name in _NORMS.value:
+    try:
+      variants[name] = parse_variant(name)
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
   for size in _SIZES.value:
     if size not in SIZES:
       print(f'error: unknown size {size!r}; choose from {", ".join(SIZES)}',
@@ -299,18 +332,18 @@ def main(argv):
       sys.exit(2)
     row = {}
     for name in _NORMS.value:
-      norm, ws = NORM_VARIANTS[name]
+      base, overrides = variants[name]
+      norm, ws = NORM_VARIANTS[base]
       config = make_config(size, norm, ws)
-      if name.endswith('+fastconv'):
-        config.unlock()
-        config.model.encoder.fast_conv = True
-        config.lock()
+      config.unlock()
+      config.update_from_flattened_dict(overrides)
+      config.lock()
       torch_ref = None
-      if _TORCH_PYTHON.value and name in TORCH_VARIANTS:
-        torch_ref = TorchReference(_TORCH_PYTHON.value, TORCH_VARIANTS[name],
+      if _TORCH_PYTHON.value and base in TORCH_VARIANTS:
+        torch_ref = TorchReference(_TORCH_PYTHON.value, TORCH_VARIANTS[base],
                                    config.training.batch_size,
                                    config.data.image_size)
-      if name.endswith('_naive'):
+      if base.endswith('_naive'):
         context = naive_group_norm()
       else:
         context = contextlib.nullcontext()
@@ -328,6 +361,7 @@ def main(argv):
       ratio = (r['step_ms'] / row['bn']['step_ms'] if 'bn' in row
                else float('nan'))
       r['step_time_vs_bn'] = ratio
+      r['config_overrides'] = overrides
       print(f'| {size} | {name} | {config.training.batch_size} | '
             f'{r["images_per_sec"]:.1f} | {ratio:.2f} | {r["step_ms"]:.1f} | '
             f'{r["compile_sec"]:.1f} | '

@@ -220,6 +220,40 @@ def test_accumulation_equals_the_large_batch_under_gn_ws():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
+@pytest.mark.parametrize('images_per_pass', [8, 12])
+def test_passes_of_fewer_images_give_the_one_pass_step(images_per_pass):
+  """training.images_per_pass: the same step as one pass of both views (the
+  old path, images_per_pass=0), up to float rounding; 12 leaves a short
+  last pass (32 images: 12 + 12 + 8)."""
+  config = tiny_config('local')
+  batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
+  results = []
+  for size in (0, images_per_pass):
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.training.images_per_pass = size
+    c.lock()
+    init, update = jitted(c)
+    state = init(jax.random.PRNGKey(0),
+                 np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+    for _ in range(2):
+      state, logs = update(state, batch, jax.random.PRNGKey(3))
+    results.append((state, logs))
+  (s0, l0), (s1, l1) = results
+  for key in ('loss', 'repr_loss', 'classif_loss', 'proj_std'):
+    np.testing.assert_allclose(float(l1[key]), float(l0[key]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((s1.online_params, s1.target_params)),
+                  jax.tree.leaves((s0.online_params, s0.target_params))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_images_per_pass_must_not_be_negative():
+  config = tiny_config('local', **{'training.images_per_pass': -1})
+  with pytest.raises(experiment.ConfigError, match='images_per_pass'):
+    experiment.validate_config(config)
+
+
 def test_accumulation_under_batchnorm_runs_with_per_micro_batch_statistics():
   """BN + accumulation: finite, and the BN averages move once per micro-batch
   (each micro-batch is normalised with its own statistics)."""
