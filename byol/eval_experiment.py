@@ -175,14 +175,29 @@ def probe_report(exp, workdir: str, printer=print, max_train_examples: int = -1,
       'trained': probe.run(trained.online_params, trained.online_state),
       'init': probe.run(initial_state.online_params, init_net_state),
   }
+  diagnose = c.training.diagnostics_batch_size > 0
+  if diagnose:
+    # Collapse measures of both networks on the fixed diagnostics batch, the
+    # same as metrics.jsonl's (which starts after the first steps).
+    for name, state in (('init', initial_state), ('trained', trained)):
+      results[name].update(exp.diagnostics(devices.replicate(state)))
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'probe.json'), results)
   printer('')
-  printer('| encoder                  | linear top-1 | kNN top-1 |')
-  printer('|--------------------------|--------------|-----------|')
+  head = '| encoder                  | linear top-1 | kNN top-1 |'
+  rule = '|--------------------------|--------------|-----------|'
+  if diagnose:
+    head += ' proj_std (fixed batch) | RankMe of projections |'
+    rule += '------------------------|-----------------------|'
+  printer(head)
+  printer(rule)
   for name, label in (('init', 'at initialisation'),
                       ('trained', f'after {c.method}')):
     r = results[name]
-    printer(f'| {label:<24} | {100 * r["top1_accuracy"]:11.2f}% | '
+    line = (f'| {label:<24} | {100 * r["top1_accuracy"]:11.2f}% | '
             f'{100 * r["knn_top1_accuracy"]:8.2f}% |')
+    if diagnose:
+      line += (f' {r["fixed_proj_std"]:22.4f} |'
+               f' {r["rankme_proj"]:21.1f} |')
+    printer(line)
   return results

@@ -71,6 +71,13 @@ def test_smoke_run_writes_the_table_and_skips_finished_rows(tmp_path):
   assert '72.1 (300 ep)' in table  # the paper's figure for encoder-only BN
   assert any('run 2/2 simclr_bn_none' in l and 'ETA' not in l
              for l in lines if 'linear top-1' in l)
+  # The probe's table has the collapse measures of both networks beside it.
+  probe_rows = [l for l in lines if l.startswith(('| at initialisation',
+                                                  '| after '))]
+  assert len(probe_rows) == 4
+  for l in probe_rows:
+    proj_std, rank = (float(x) for x in l.strip('|').split('|')[3:5])
+    assert proj_std >= 0 and 1.0 <= rank <= 16.0
 
   # A rerun skips both rows and rewrites the outputs from their summaries.
   mtimes = {r: os.path.getmtime(tmp_path / r / 'row_summary.json')
