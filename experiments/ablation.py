@@ -24,13 +24,13 @@ logistic-regression baseline, the paper's ImageNet figures where known) and
 `ablation_<dataset>.png` (top-1 per row; proj_std over training per row) are
 written from every finished row of `<workdir_root>`.
 
-Scale. On 2 idle CPU cores the local preset trains at about 300 images/s
-(evaluations included), and the two probes of a row take about 3 minutes, so
+Scale. On 2 idle CPU cores the local preset trains at about 400-480 images/s
+(evaluations included), and the two probes of a row take about 2 minutes, so
 a row of E epochs of the 60,000 Fashion-MNIST images costs about
-60000*E/300 s + 3 min: with the default E = 1.25, about 7-9 minutes; the
-quick subset (6 rows) about 50 minutes per seed and the full table (14 rows)
-about 2 hours. `--epochs` changes E for every row (rows already finished with
-another E are refused: use another --workdir_root).
+60000*E/400 s + 2 min: with the default E = 1.25, about 5-7 minutes; the
+quick subset (6 rows) about 35 minutes per seed and the full table (14 rows)
+about 1.5 hours. `--epochs` changes E for every row (rows already finished
+with another E are refused: use another --workdir_root).
 
 Commands:
 

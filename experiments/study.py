@@ -44,9 +44,9 @@ ROW_SUMMARY = 'row_summary.json'
 COLLAPSE_RATIO = 0.1
 RANK_COLLAPSE_RATIO = 0.25
 # For the ETA before any row has finished: the `local` step on 2 idle CPU
-# cores (~350 images/s between evaluations; less with the periodic evaluation
-# and on a shared machine).
-LOCAL_IMAGES_PER_SEC = 300.0
+# cores (~480 images/s between evaluations with GN+WS, ~400 with BatchNorm;
+# less on a shared machine).
+LOCAL_IMAGES_PER_SEC = 400.0
 PROBE_SECONDS = 180.0
 
 # Per component: (norm, weight standardization).
