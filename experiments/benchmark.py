@@ -216,6 +216,16 @@ def make_config(size, norm, ws):
   return c
 
 
+def variant_config(size, name):
+  """(base variant, overrides, locked config) of a variant name at `size`."""
+  base, overrides = parse_variant(name)
+  config = make_config(size, *NORM_VARIANTS[base])
+  config.unlock()
+  config.update_from_flattened_dict(overrides)
+  config.lock()
+  return base, overrides, config
+
+
 def time_step(config, after_step=None):
   """Compiles and times the pmapped update step on a fixed random batch.
 
@@ -332,12 +342,7 @@ def main(argv):
       sys.exit(2)
     row = {}
     for name in _NORMS.value:
-      base, overrides = variants[name]
-      norm, ws = NORM_VARIANTS[base]
-      config = make_config(size, norm, ws)
-      config.unlock()
-      config.update_from_flattened_dict(overrides)
-      config.lock()
+      base, overrides, config = variant_config(size, name)
       torch_ref = None
       if _TORCH_PYTHON.value and base in TORCH_VARIANTS:
         torch_ref = TorchReference(_TORCH_PYTHON.value, TORCH_VARIANTS[base],

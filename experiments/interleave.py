@@ -27,7 +27,6 @@ import numpy as np
 from byol import experiment
 from byol import model
 from byol import update as update_lib
-from configs import byol as byol_config
 from experiments import benchmark
 
 _VARIANTS = flags.DEFINE_list('variants', ['gn+ws+lax+onepass', 'gn+ws'],
@@ -40,16 +39,7 @@ _WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 2,
 
 def build(name):
   """(compiled update, state, batch, key, config) of a variant at `local`."""
-  base, overrides = benchmark.parse_variant(name)
-  norm, ws = benchmark.NORM_VARIANTS[base]
-  c = byol_config.get_config('local')
-  c.unlock()
-  for part in ('encoder', 'projector', 'predictor'):
-    c.model[part].norm = norm
-    c.model[part].weight_standardization = ws
-  c.training.max_steps = 1000
-  c.update_from_flattened_dict(overrides)
-  c.lock()
+  _, _, c = benchmark.variant_config('local', name)
   b, s = c.training.batch_size, c.data.image_size
   rng = np.random.RandomState(0)
   batch = {'view1': rng.uniform(size=(1, b, s, s, 3)).astype(np.float32),

@@ -233,11 +233,13 @@ def run_row(row: Row, config: ml_collections.ConfigDict, workdir: str, *,
     trained = (exp.checkpointer.restore(step, target=exp.state_template())[0]
                if step is not None else init_state)
   proj_std0 = initial_proj_std(config, init_state)
-  diag0 = exp.diagnostics(devices.replicate(init_state))
   probe = eval_experiment.probe_report(
       exp, workdir, printer=printer, max_train_examples=max_train_examples,
       max_test_examples=max_test_examples, initial_state=init_state,
       trained_state=trained)
+  # The probe measured the initial network on the fixed diagnostics batch.
+  diag0 = (probe['init'] if 'rankme_proj' in probe['init'] else
+           exp.diagnostics(devices.replicate(init_state)))
   metrics = read_metrics(workdir)
   final_proj_std = float(metrics[-1]['proj_std']) if metrics else float('nan')
   relative = final_proj_std / max(proj_std0, 1e-12)
