@@ -2,20 +2,10 @@
 
 `conv2d(x, w, stride, padding)` computes exactly
 `jax.lax.conv_general_dilated(x, w, stride, padding,
-dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`; only its gradient is arranged
-differently, for three costs measured in the `local` BYOL step on XLA:CPU (a
-profile of the step; see README, Performance):
+dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`; only its weight gradient is
+computed differently, for two costs measured in the `local` BYOL step on
+XLA:CPU (a profile of the step; see README, Performance):
 
-* XLA computes a weight gradient as a convolution whose features are the
-  batch, so it first transposes the input and the output gradient to put the
-  batch innermost. It fuses what produced them (GroupNorm's affine and ReLU,
-  or their gradients) into those transposes, where the strided reads leave
-  the loops unvectorised: about 10x slower than a plain transpose, and a
-  quarter of the whole step. Here both operands are first passed through a
-  product with an identity matrix. XLA never fuses a matrix product's
-  producer into a consumer of the product, so the transposes read a
-  materialised, contiguous array (the product itself is vectorised and
-  exact: 1 * x + 0 * ... = x for finite x).
 * For 1x1 kernels the weight gradient is a single matrix product of the
   (strided) input and the output gradient, both [N*Ho*Wo, channels]: 7x
   faster than XLA's convolution form at 16-32 channels.
@@ -23,9 +13,9 @@ profile of the step; see README, Performance):
   CPU library runs one weight-gradient convolution over 512 examples 1.5-4x
   slower than 32 over 16 each (`chunked_weight_gradient`).
 
-The input gradient is XLA's own. On accelerators XLA's own gradients are fast
-and this module brings nothing. Until a config switch selects it in the
-networks, the benchmark's `+fastconv` variants use it.
+The forward pass and the input gradient are XLA's own. On accelerators XLA's
+own gradients are fast and this module brings nothing; the networks use it
+where `model.encoder.fast_conv` is set (the `local` preset).
 """
 
 import functools
@@ -54,19 +44,6 @@ def _pads(size: int, kernel: int, stride: int,
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
   raise ValueError(f'unknown padding {padding!r}; use SAME, VALID or pairs')
-
-
-def materialize(y: jax.Array) -> jax.Array:
-  """y itself, computed as y @ I so that XLA cannot fuse y's producer onward.
-
-  Exact for finite y (a non-finite entry would also spread NaN to the other
-  channels of its row; its gradient is not finite anyway).
-  """
-  c = y.shape[-1]
-  eye = jnp.eye(c, dtype=y.dtype)
-  flat = jax.lax.dot(y.reshape(-1, c), eye,
-                     precision=jax.lax.Precision.HIGHEST)
-  return flat.reshape(y.shape)
 
 
 def pointwise_weight_gradient(x: jax.Array, dy: jax.Array,
@@ -151,7 +128,6 @@ def chunked_weight_gradient(x: jax.Array, dy: jax.Array,
 
 def _conv2d_bwd(stride, padding, residuals, dy):
   x, w = residuals
-  x, dy = materialize(x), materialize(dy)
   _, vjp = jax.vjp(lambda x: _conv(x, w, stride, padding), x)
   (dx,) = vjp(dy)
   if w.shape[:2] == (1, 1):

@@ -135,11 +135,12 @@ def example_keys(rng, micro, per_device: int, *, accum: int,
 
 
 def micro_step(carry, xs, *, grad_fn: Callable, config, normalize: Callable,
-               axis_name: Optional[str]):
+               axis_name: Optional[str], augment: bool = True):
   """One micro-batch: augment, normalise, add its gradient to the sum.
 
   A `lax.scan` body: carry = (online_state, target_state, grads_sum,
   online_params, target_params), xs = (inputs, micro-batch index, rng).
+  Without `augment` the views are taken as given (only normalised).
   """
   online_state, target_state, grads_sum, params, target_params = carry
   inputs, micro, rng = xs
@@ -148,7 +149,9 @@ def micro_step(carry, xs, *, grad_fn: Callable, config, normalize: Callable,
                       accum=config.training.accumulation_steps,
                       axis_name=axis_name)
   fwd_rng = jax.random.fold_in(fwd_rng, micro)
-  inputs = augmentations.postprocess(inputs, keys, config.data.augmentations)
+  if augment:
+    inputs = augmentations.postprocess(inputs, keys,
+                                       config.data.augmentations)
   inputs = dict(inputs, view1=normalize(inputs['view1']),
                 view2=normalize(inputs['view2']))
   grads, (online_state, target_state, logs) = grad_fn(
@@ -193,7 +196,8 @@ def make_update_fn(config: ml_collections.ConfigDict,
                    total_steps: int,
                    warmup: int,
                    axis_name: Optional[str] = devices.AXIS,
-                   normalize: Optional[Callable] = None):
+                   normalize: Optional[Callable] = None,
+                   augment: bool = True):
   """Returns `update(state, inputs, rng) -> (state, scalars)`.
 
   `state` is an `experiment.TrainState`; `total_steps` and `warmup` are the
@@ -212,6 +216,10 @@ def make_update_fn(config: ml_collections.ConfigDict,
   statistics, over batch/k examples (pooled over devices by the cross-replica
   axis), and the BN moving averages advance once per micro-batch (and view);
   SimCLR's negatives likewise come from the micro-batch only.
+
+  With `augment=False` the step skips the on-device augmentations and trains
+  on `view1` and `view2` as given (normalised only): views augmented
+  elsewhere, or a benchmark of the network step alone.
   """
   t = config.training
   if normalize is None:
@@ -221,7 +229,8 @@ def make_update_fn(config: ml_collections.ConfigDict,
                                        config=config, axis_name=axis_name),
                      has_aux=True)
   step_fn = functools.partial(micro_step, grad_fn=grad_fn, config=config,
-                              normalize=normalize, axis_name=axis_name)
+                              normalize=normalize, axis_name=axis_name,
+                              augment=augment)
 
   def update(state, inputs, rng):
     # `rng` is the same on every device: per-example keys (example_keys) make

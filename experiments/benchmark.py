@@ -26,6 +26,8 @@ runs the size's config as it is; suffixes, each after a `+`, change it:
                     pass is arranged for XLA:CPU, or lax's own)
   +onepass          training.images_per_pass=0: both views in one pass
   +passN            training.images_per_pass=N (e.g. +pass128)
+  +noaug            the step without its on-device augmentations (the views
+                    as given, normalised only), as the PyTorch reference
 
 e.g. `gn+ws+lax+onepass` (the `local` step before the CPU preset's
 settings), `gn+ws+fastconv+pass128`, `bn+fastconv`.
@@ -35,7 +37,7 @@ network and step in PyTorch (BN and GN+WS), in a second process run by that
 Python: one PyTorch step after each timed JAX step, so that both see the same
 load, and the ratio `vs_torch` (JAX images/s over PyTorch's) is reported.
 PyTorch is not a dependency of the project; the reference times the step
-without the augmentations, which the JAX step includes.
+without the augmentations, which the JAX step includes unless `+noaug`.
 
 Results: a table on stdout, and JSON in --json (default
 experiments/results/benchmark_<platform>.json).
@@ -96,31 +98,42 @@ NORM_VARIANTS = {
 TORCH_VARIANTS = {'bn': 'bn', 'gn+ws': 'gn+ws'}
 
 
+def _split_variant(name):
+  """(base variant, [suffixes]) of a name like `gn+ws+lax+pass128`."""
+  for base in sorted(NORM_VARIANTS, key=len, reverse=True):
+    if name == base or name.startswith(base + '+'):
+      return base, name[len(base) + 1:].split('+') if name != base else []
+  raise ValueError(f'unknown variant {name!r}; choose from '
+                   f'{", ".join(NORM_VARIANTS)} (+fastconv, +lax, '
+                   '+onepass, +passN, +noaug)')
+
+
 def parse_variant(name):
   """(base variant, {config field: value}) of a name like `gn+ws+lax+pass128`.
+
+  `+noaug` changes the step, not the config: see `augments`.
 
   Raises:
     ValueError: for an unknown base or suffix.
   """
-  for base in sorted(NORM_VARIANTS, key=len, reverse=True):
-    if name == base or name.startswith(base + '+'):
-      break
-  else:
-    raise ValueError(f'unknown variant {name!r}; choose from '
-                     f'{", ".join(NORM_VARIANTS)} (+fastconv, +lax, '
-                     '+onepass, +passN)')
+  base, suffixes = _split_variant(name)
   overrides = {}
-  for suffix in name[len(base) + 1:].split('+') if name != base else []:
+  for suffix in suffixes:
     if suffix in ('fastconv', 'lax'):
       overrides['model.encoder.fast_conv'] = suffix == 'fastconv'
     elif suffix == 'onepass':
       overrides['training.images_per_pass'] = 0
     elif suffix.startswith('pass') and suffix[4:].isdigit():
       overrides['training.images_per_pass'] = int(suffix[4:])
-    else:
+    elif suffix != 'noaug':
       raise ValueError(f'unknown suffix {suffix!r} in variant {name!r}; use '
-                       '+fastconv, +lax, +onepass or +passN')
+                       '+fastconv, +lax, +onepass, +passN or +noaug')
   return base, overrides
+
+
+def augments(name):
+  """Whether the variant's step runs the on-device augmentations."""
+  return 'noaug' not in _split_variant(name)[1]
 
 
 class _HaikuGroupNorm(hk.Module):
@@ -226,11 +239,12 @@ def variant_config(size, name):
   return base, overrides, config
 
 
-def time_step(config, after_step=None):
+def time_step(config, after_step=None, augment=True):
   """Compiles and times the pmapped update step on a fixed random batch.
 
   `after_step`, if given, is called after each timed step, outside its time
-  (the PyTorch reference's step, interleaved).
+  (the PyTorch reference's step, interleaved). Without `augment` the step
+  skips the on-device augmentations.
   """
   n = jax.local_device_count()
   per_device = experiment.per_device_batch(config, jax.device_count())
@@ -245,7 +259,8 @@ def time_step(config, after_step=None):
   init = jax.pmap(experiment.make_init_fn(config, forward, optimizer),
                   axis_name=devices.AXIS)
   update = jax.pmap(
-      update_lib.make_update_fn(config, forward, optimizer, 1000, 10),
+      update_lib.make_update_fn(config, forward, optimizer, 1000, 10,
+                                augment=augment),
       axis_name=devices.AXIS, donate_argnums=(0,))
   key = devices.replicate(jax.random.PRNGKey(0))
   state = init(key, np.zeros((n, per_device, s, s, 3), np.float32))
@@ -353,7 +368,8 @@ def main(argv):
       else:
         context = contextlib.nullcontext()
       with context:
-        r = time_step(config, torch_ref and torch_ref.step)
+        r = time_step(config, torch_ref and torch_ref.step,
+                      augment=augments(name))
       if torch_ref:
         torch_ref.close()
         torch_median = statistics.median(torch_ref.times)
@@ -367,6 +383,7 @@ def main(argv):
                else float('nan'))
       r['step_time_vs_bn'] = ratio
       r['config_overrides'] = overrides
+      r['augment'] = augments(name)
       print(f'| {size} | {name} | {config.training.batch_size} | '
             f'{r["images_per_sec"]:.1f} | {ratio:.2f} | {r["step_ms"]:.1f} | '
             f'{r["compile_sec"]:.1f} | '

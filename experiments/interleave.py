@@ -11,9 +11,9 @@ ratio of their steps in the same round.
   python -m experiments.interleave --variants=bn+lax,bn
 
 Variant names are the benchmark's (`bn`, `gn+ws`, with +fastconv, +lax,
-+onepass, +passN); the size is `local` with its batch of 256, the update
-step under `jax.jit` on one device with the state donated, on a fixed
-random batch (augmentations included, as in the benchmark).
++onepass, +passN, +noaug); the size is `local` with its batch of 256, the
+update step under `jax.jit` on one device with the state donated, on a fixed
+random batch (augmentations included unless +noaug, as in the benchmark).
 """
 
 import statistics
@@ -48,9 +48,9 @@ def build(name):
   forward = model.make_forward(c, 10, axis_name=None)
   optimizer = update_lib.make_optimizer(c, 1000, 10)
   init = jax.jit(experiment.make_init_fn(c, forward, optimizer))
-  update = jax.jit(update_lib.make_update_fn(c, forward, optimizer, 1000, 10,
-                                             axis_name=None),
-                   donate_argnums=(0,))
+  update = jax.jit(update_lib.make_update_fn(
+      c, forward, optimizer, 1000, 10, axis_name=None,
+      augment=benchmark.augments(name)), donate_argnums=(0,))
   key = jax.random.PRNGKey(0)
   state = init(key, np.zeros((b, s, s, 3), np.float32))
   return update.lower(state, batch, key).compile(), state, batch, key, c

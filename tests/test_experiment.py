@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from byol import dataset as dataset_lib
 from byol import devices
 from byol import experiment
 from byol import model
@@ -246,6 +247,38 @@ def test_passes_of_fewer_images_give_the_one_pass_step(images_per_pass):
                   jax.tree.leaves((s0.online_params, s0.target_params))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_update_without_augmentations_trains_on_the_views_as_given():
+  """make_update_fn(augment=False) (the benchmark's +noaug): the step's loss
+  is that of the given views, normalised only; with the augmentations the
+  same batch gives another loss."""
+  config = tiny_config('local')
+  forward = model.make_forward(config, 10, axis_name=None)
+  optimizer = update_lib.make_optimizer(config, 20, 0)
+  init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
+  state = init(jax.random.PRNGKey(0),
+               np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+  batch = fixed_batch(1)
+  losses = {}
+  for augment in (False, True):
+    update = jax.jit(update_lib.make_update_fn(
+        config, forward, optimizer, 20, 0, axis_name=None, augment=augment))
+    _, logs = update(state, jax.tree.map(lambda x: x[0], batch),
+                     jax.random.PRNGKey(3))
+    losses[augment] = float(logs['repr_loss'])
+  views = {k: dataset_lib.normalize(batch[k][0, 0],
+                                    dataset=config.data.dataset)
+           for k in ('view1', 'view2')}
+  # micro_step's forward key for micro-batch 0 of the step key.
+  fwd_rng = jax.random.fold_in(jax.random.split(jax.random.PRNGKey(3))[1], 0)
+  _, (_, _, direct) = update_lib.loss_fn(
+      state.online_params, state.online_state, state.target_params,
+      state.target_state, fwd_rng, dict(views, labels=batch['labels'][0, 0]),
+      forward=forward, config=config, axis_name=None)
+  np.testing.assert_allclose(losses[False], float(direct['repr_loss']),
+                             rtol=1e-5)
+  assert abs(losses[True] - losses[False]) > 1e-3, losses
 
 
 def test_images_per_pass_must_not_be_negative():
