@@ -20,6 +20,9 @@ _ADDRESS = re.compile(r'^(\[[0-9a-fA-F:.]+\]|[^\s:]+):(\d{1,5})$')
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` for distributed fields no cluster could use."""
   d = config.get('distributed')
+  if d is not None and d.get('cpu_devices', 0) < 0:
+    raise ConfigError(f'distributed.cpu_devices={d.cpu_devices} must be >= 0 '
+                      '(0: one CPU device)')
   if d is None or not d.coordinator_address:
     return
   match = _ADDRESS.match(d.coordinator_address)
@@ -33,8 +36,27 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f'[0, distributed.num_processes={d.num_processes})')
 
 
+def set_cpu_devices(count: int) -> None:
+  """Makes JAX's CPU backend `count` devices (one per core, say).
+
+  Must run before JAX starts its backends (the first device query or
+  computation); raises `ConfigError` after.
+  """
+  if jax.config.jax_num_cpu_devices == count:
+    return
+  try:
+    jax.config.update('jax_num_cpu_devices', count)
+  except RuntimeError:
+    raise ConfigError(
+        f'distributed.cpu_devices={count} must be set before JAX starts; '
+        f'JAX is already running with {jax.config.jax_num_cpu_devices} CPU '
+        'devices') from None
+
+
 def initialize(config: ml_collections.ConfigDict) -> None:
-  """Calls `jax.distributed.initialize` when the config asks for it.
+  """Sets the CPU device count; calls `jax.distributed.initialize` if asked.
+
+  `distributed.cpu_devices` > 0 splits the CPU into that many JAX devices.
 
   `distributed.coordinator_address` ('host:port', the address of process 0)
   with `num_processes` and `process_id` starts an explicit cluster (CPU/GPU
@@ -48,6 +70,9 @@ def initialize(config: ml_collections.ConfigDict) -> None:
   """
   global _initialized
   d = config.get('distributed')
+  if d is not None and d.get('cpu_devices', 0):
+    check_config(config)
+    set_cpu_devices(d.cpu_devices)
   if _initialized or d is None or not (d.coordinator_address or d.auto):
     return
   check_config(config)

@@ -181,6 +181,12 @@ def get_config(arg=None):
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
   c.distributed.auto = False  # jax.distributed.initialize() auto-detection
+  # On the CPU: run as this many XLA devices (e.g. one per core), the batch
+  # split over them by pmap; BatchNorm keeps the statistics of the whole
+  # batch (cross-replica). 0: JAX's default, one CPU device. Same function,
+  # other rounding; on 2 cores, 2 devices run the `local` BN step faster
+  # (README, Performance). Ignored by accelerators.
+  c.distributed.cpu_devices = 0
 
   if 'bn' in variants:
     _set_norm(c, 'bn', False)

@@ -32,6 +32,10 @@ runs the size's config as it is; suffixes, each after a `+`, change it:
 e.g. `gn+ws+lax+onepass` (the `local` step before the CPU preset's
 settings), `gn+ws+fastconv+pass128`, `bn+fastconv`.
 
+`--cpu_devices=N` runs every variant on N CPU devices (e.g. one per core;
+`distributed.cpu_devices`): pmap splits the batch over them, BatchNorm keeps
+the statistics of the whole batch.
+
 `--torch_python=PYTHON` also times `experiments/torch_reference.py`, the same
 network and step in PyTorch (BN and GN+WS), in a second process run by that
 Python: one PyTorch step after each timed JAX step, so that both see the same
@@ -59,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from byol import devices
+from byol import distributed
 from byol import experiment
 from byol import layers
 from byol import model
@@ -208,6 +213,10 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype.')
 _INPUT = flags.DEFINE_bool('input', True, 'Also time the input pipeline.')
 _JSON = flags.DEFINE_string('json', None, 'Where to write the results.')
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', 0, 'Run on this many CPU devices (the config field '
+    'distributed.cpu_devices; the batch split over them by pmap); 0: one.',
+    lower_bound=0)
 _TORCH_PYTHON = flags.DEFINE_string(
     'torch_python', '', 'A Python with PyTorch: also time '
     'experiments/torch_reference.py (bn, gn+ws), interleaved step by step.')
@@ -224,6 +233,7 @@ def make_config(size, norm, ws):
   if _BATCH.value:
     c.training.batch_size = _BATCH.value
   c.model.dtype = _DTYPE.value
+  c.distributed.cpu_devices = _CPU_DEVICES.value
   c.training.max_steps = 1000
   c.lock()
   return c
@@ -333,9 +343,13 @@ def time_input(config, steps=20):
 
 def main(argv):
   del argv
+  if _CPU_DEVICES.value:
+    # Before anything starts JAX's backends.
+    distributed.set_cpu_devices(_CPU_DEVICES.value)
   platform = jax.devices()[0].platform
   results = {'platform': platform, 'device': str(jax.devices()[0].device_kind),
              'num_devices': jax.device_count(), 'dtype': _DTYPE.value,
+             'cpu_devices': _CPU_DEVICES.value,
              'steps': _STEPS.value, 'sizes': {}}
   print(f'# BYOL train step, {jax.device_count()} x {results["device"]} '
         f'({platform}), {_DTYPE.value}, median of {_STEPS.value} steps')

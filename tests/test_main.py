@@ -60,6 +60,13 @@ BAD_INPUTS = [
     ('batch_not_divisible', [f'--config={LOCAL}', *TINY,
                              '--config.training.batch_size=30'],
      ['30', '4 devices']),
+    ('negative_cpu_devices', [f'--config={LOCAL}',
+                              '--config.distributed.cpu_devices=-1'],
+     ['distributed.cpu_devices=-1', '>= 0']),
+    # distributed.cpu_devices splits the CPU: 3 devices do not divide 16.
+    ('cpu_devices_not_dividing', [f'--config={LOCAL}', *TINY,
+                                  '--config.distributed.cpu_devices=3'],
+     ['3 devices']),
     ('stray_argument', [f'--config={LOCAL}', 'extra'], ['extra']),
     ('bad_dtype', [f'--config={LOCAL}', '--config.model.dtype=float8'],
      ['float8']),

@@ -21,10 +21,20 @@ import pytest
 
 import tiny_runs
 from byol import augmentations
+from byol import distributed
+from byol.errors import ConfigError
 from configs import byol as byol_config
 
 # Every process reads its rows of one data stream: see same_data_main.py.
 SAME_DATA = 'tests/same_data_main.py'
+
+
+def test_cpu_devices_cannot_change_once_jax_runs():
+  # distributed.cpu_devices acts before JAX starts (main.py sets it first;
+  # tests/test_main.py runs it end to end); later it is a clear error.
+  assert jax.local_device_count() == 4  # JAX is running (conftest's 4)
+  with pytest.raises(ConfigError, match='before JAX starts'):
+    distributed.set_cpu_devices(2)
 
 
 def test_an_example_augmentation_depends_on_its_key_only():
