@@ -28,13 +28,15 @@ runs the size's config as it is; suffixes, each after a `+`, change it:
   +passN            training.images_per_pass=N (e.g. +pass128)
   +noaug            the step without its on-device augmentations (the views
                     as given, normalised only), as the PyTorch reference
+  +cpuN             distributed.cpu_devices=N: the step on N CPU devices (e.g.
+                    one per core), the batch split over them by pmap;
+                    BatchNorm keeps the statistics of the whole batch
 
 e.g. `gn+ws+lax+onepass` (the `local` step before the CPU preset's
 settings), `gn+ws+fastconv+pass128`, `bn+fastconv`.
 
-`--cpu_devices=N` runs every variant on N CPU devices (e.g. one per core;
-`distributed.cpu_devices`): pmap splits the batch over them, BatchNorm keeps
-the statistics of the whole batch.
+With a `+cpuN` variant the process starts as many CPU devices as the largest
+N asks for; other variants run on one of them.
 
 `--torch_python=PYTHON` also times `experiments/torch_reference.py`, the same
 network and step in PyTorch (BN and GN+WS), in a second process run by that
@@ -110,7 +112,7 @@ def _split_variant(name):
       return base, name[len(base) + 1:].split('+') if name != base else []
   raise ValueError(f'unknown variant {name!r}; choose from '
                    f'{", ".join(NORM_VARIANTS)} (+fastconv, +lax, '
-                   '+onepass, +passN, +noaug)')
+                   '+onepass, +passN, +cpuN, +noaug)')
 
 
 def parse_variant(name):
@@ -130,9 +132,11 @@ def parse_variant(name):
       overrides['training.images_per_pass'] = 0
     elif suffix.startswith('pass') and suffix[4:].isdigit():
       overrides['training.images_per_pass'] = int(suffix[4:])
+    elif suffix.startswith('cpu') and suffix[3:].isdigit() and int(suffix[3:]):
+      overrides['distributed.cpu_devices'] = int(suffix[3:])
     elif suffix != 'noaug':
       raise ValueError(f'unknown suffix {suffix!r} in variant {name!r}; use '
-                       '+fastconv, +lax, +onepass, +passN or +noaug')
+                       '+fastconv, +lax, +onepass, +passN, +cpuN or +noaug')
   return base, overrides
 
 
@@ -213,10 +217,6 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype.')
 _INPUT = flags.DEFINE_bool('input', True, 'Also time the input pipeline.')
 _JSON = flags.DEFINE_string('json', None, 'Where to write the results.')
-_CPU_DEVICES = flags.DEFINE_integer(
-    'cpu_devices', 0, 'Run on this many CPU devices (the config field '
-    'distributed.cpu_devices; the batch split over them by pmap); 0: one.',
-    lower_bound=0)
 _TORCH_PYTHON = flags.DEFINE_string(
     'torch_python', '', 'A Python with PyTorch: also time '
     'experiments/torch_reference.py (bn, gn+ws), interleaved step by step.')
@@ -233,7 +233,6 @@ def make_config(size, norm, ws):
   if _BATCH.value:
     c.training.batch_size = _BATCH.value
   c.model.dtype = _DTYPE.value
-  c.distributed.cpu_devices = _CPU_DEVICES.value
   c.training.max_steps = 1000
   c.lock()
   return c
@@ -256,8 +255,13 @@ def time_step(config, after_step=None, augment=True):
   (the PyTorch reference's step, interleaved). Without `augment` the step
   skips the on-device augmentations.
   """
-  n = jax.local_device_count()
-  per_device = experiment.per_device_batch(config, jax.device_count())
+  local = jax.local_devices()
+  if local[0].platform == 'cpu' and config.distributed.cpu_devices:
+    local = local[:config.distributed.cpu_devices]
+  elif local[0].platform == 'cpu' and jax.config.jax_num_cpu_devices > 0:
+    local = local[:1]  # the process has more only for +cpuN variants
+  n = len(local)
+  per_device = experiment.per_device_batch(config, n)
   s = config.data.image_size
   rng = np.random.RandomState(0)
   shape = (n, 1, per_device, s, s, 3)
@@ -267,15 +271,19 @@ def time_step(config, after_step=None, augment=True):
   forward = model.make_forward(config, 10, devices.AXIS)
   optimizer = update_lib.make_optimizer(config, 1000, 10)
   init = jax.pmap(experiment.make_init_fn(config, forward, optimizer),
-                  axis_name=devices.AXIS)
+                  axis_name=devices.AXIS, devices=local)
   update = jax.pmap(
       update_lib.make_update_fn(config, forward, optimizer, 1000, 10,
                                 augment=augment),
-      axis_name=devices.AXIS, donate_argnums=(0,))
-  key = devices.replicate(jax.random.PRNGKey(0))
+      axis_name=devices.AXIS, donate_argnums=(0,), devices=local)
+  sharding = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(local), (devices.AXIS,)),
+      jax.sharding.PartitionSpec(devices.AXIS))
+  key = jax.device_put(
+      np.broadcast_to(np.asarray(jax.random.PRNGKey(0)), (n, 2)), sharding)
   state = init(key, np.zeros((n, per_device, s, s, 3), np.float32))
   batch = jax.tree.map(lambda x: jax.device_put(
-      x, devices.local_mesh_sharding()), batch)
+      x, sharding), batch)
   t0 = time.perf_counter()
   lowered = update.lower(state, batch, key)
   compiled = lowered.compile()
@@ -320,7 +328,8 @@ def time_step(config, after_step=None, augment=True):
       'device_peak_mb': device_mem / 2**20 if device_mem else None,
       # XLA's count for the whole step (two views, online + target), per
       # image of the global batch.
-      'gflops_per_image': (flops * jax.device_count() / global_batch / 1e9
+      'num_devices': n,
+      'gflops_per_image': (flops * n / global_batch / 1e9
                            if flops else None),
   }
 
@@ -343,20 +352,6 @@ def time_input(config, steps=20):
 
 def main(argv):
   del argv
-  if _CPU_DEVICES.value:
-    # Before anything starts JAX's backends.
-    distributed.set_cpu_devices(_CPU_DEVICES.value)
-  platform = jax.devices()[0].platform
-  results = {'platform': platform, 'device': str(jax.devices()[0].device_kind),
-             'num_devices': jax.device_count(), 'dtype': _DTYPE.value,
-             'cpu_devices': _CPU_DEVICES.value,
-             'steps': _STEPS.value, 'sizes': {}}
-  print(f'# BYOL train step, {jax.device_count()} x {results["device"]} '
-        f'({platform}), {_DTYPE.value}, median of {_STEPS.value} steps')
-  header = ('| size | norm | batch | images/s | time/bn | step ms | compile s | '
-            'XLA MB | GFLOP/img |')
-  print(header)
-  print('|' + '---|' * (header.count('|') - 1))
   variants = {}
   for name in _NORMS.value:
     try:
@@ -364,6 +359,21 @@ def main(argv):
     except ValueError as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
+  cpu_devices = max(o.get('distributed.cpu_devices', 0)
+                    for _, o in variants.values())
+  if cpu_devices:
+    # Before anything starts JAX's backends; only the CPU backend uses it.
+    distributed.set_cpu_devices(cpu_devices)
+  platform = jax.devices()[0].platform
+  results = {'platform': platform, 'device': str(jax.devices()[0].device_kind),
+             'num_devices': jax.device_count(), 'dtype': _DTYPE.value,
+             'steps': _STEPS.value, 'sizes': {}}
+  print(f'# BYOL train step, {jax.device_count()} x {results["device"]} '
+        f'({platform}), {_DTYPE.value}, median of {_STEPS.value} steps')
+  header = ('| size | norm | batch | images/s | time/bn | step ms | compile s | '
+            'XLA MB | GFLOP/img |')
+  print(header)
+  print('|' + '---|' * (header.count('|') - 1))
   for size in _SIZES.value:
     if size not in SIZES:
       print(f'error: unknown size {size!r}; choose from {", ".join(SIZES)}',

@@ -32,3 +32,19 @@ def test_local_long_is_local_run_longer():
 def test_unknown_variant_names_the_choices():
   with pytest.raises(ValueError, match='local_long'):
     byol_config.get_config('local_lng')
+
+
+def test_benchmark_variant_names():
+  # experiments/benchmark.py: a variant is a base norm plus config changes
+  # (+cpuN, +passN, ...) and whether the step augments (+noaug).
+  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  assert benchmark.parse_variant('bn+cpu2+noaug') == (
+      'bn', {'distributed.cpu_devices': 2})
+  assert not benchmark.augments('bn+cpu2+noaug')
+  assert benchmark.augments('gn+ws+pass128')
+  assert benchmark.parse_variant('gn+ws+lax+pass128') == (
+      'gn+ws', {'model.encoder.fast_conv': False,
+                'training.images_per_pass': 128})
+  for bad in ('bn+cpu0', 'bn+fast', 'gn'):
+    with pytest.raises(ValueError, match='unknown'):
+      benchmark.parse_variant(bad)
