@@ -26,19 +26,21 @@ AXIS = 'i'
 # handled the same way with one process or many.
 
 
-def local_mesh_sharding() -> jax.sharding.NamedSharding:
-  """Shards a leading axis of size `jax.local_device_count()` over devices.
+def local_mesh_sharding(local_devices=None) -> jax.sharding.NamedSharding:
+  """Shards a leading axis of size `len(local_devices)` over those devices.
 
-  This process's slice of pmap's global input layout (see above).
+  This process's slice of pmap's global input layout (see above); by default
+  over all local devices, or over the ones a `jax.pmap(devices=...)` uses.
   """
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+  local = jax.local_devices() if local_devices is None else local_devices
+  mesh = jax.sharding.Mesh(np.array(local), (AXIS,))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
 
 
 def replicate(tree, sharding=None):
-  """Host pytree -> one copy per local device, laid out as pmap expects."""
+  """Host pytree -> one copy per device of `sharding`, as pmap expects."""
   sharding = sharding or local_mesh_sharding()
-  n = jax.local_device_count()
+  n = sharding.mesh.size
   return jax.tree.map(
       lambda x: jax.device_put(np.broadcast_to(np.asarray(x),
                                                (n,) + np.shape(x)), sharding),

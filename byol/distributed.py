@@ -70,12 +70,13 @@ def initialize(config: ml_collections.ConfigDict) -> None:
   """
   global _initialized
   d = config.get('distributed')
-  if d is not None and d.get('cpu_devices', 0):
-    check_config(config)
-    set_cpu_devices(d.cpu_devices)
-  if _initialized or d is None or not (d.coordinator_address or d.auto):
+  if d is None:
     return
   check_config(config)
+  if d.get('cpu_devices', 0):
+    set_cpu_devices(d.cpu_devices)
+  if _initialized or not (d.coordinator_address or d.auto):
+    return
   if not jax.config.jax_cpu_collectives_implementation:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if d.coordinator_address:

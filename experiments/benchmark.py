@@ -276,14 +276,10 @@ def time_step(config, after_step=None, augment=True):
       update_lib.make_update_fn(config, forward, optimizer, 1000, 10,
                                 augment=augment),
       axis_name=devices.AXIS, donate_argnums=(0,), devices=local)
-  sharding = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(local), (devices.AXIS,)),
-      jax.sharding.PartitionSpec(devices.AXIS))
-  key = jax.device_put(
-      np.broadcast_to(np.asarray(jax.random.PRNGKey(0)), (n, 2)), sharding)
+  sharding = devices.local_mesh_sharding(local)
+  key = devices.replicate(jax.random.PRNGKey(0), sharding)
   state = init(key, np.zeros((n, per_device, s, s, 3), np.float32))
-  batch = jax.tree.map(lambda x: jax.device_put(
-      x, sharding), batch)
+  batch = jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
   t0 = time.perf_counter()
   lowered = update.lower(state, batch, key)
   compiled = lowered.compile()
@@ -326,9 +322,9 @@ def time_step(config, after_step=None, augment=True):
       'compile_sec': compile_sec,
       'xla_memory_mb': memory / 2**20 if memory else None,
       'device_peak_mb': device_mem / 2**20 if device_mem else None,
+      'num_devices': n,
       # XLA's count for the whole step (two views, online + target), per
       # image of the global batch.
-      'num_devices': n,
       'gflops_per_image': (flops * n / global_batch / 1e9
                            if flops else None),
   }
@@ -391,9 +387,9 @@ def main(argv):
         context = naive_group_norm()
       else:
         context = contextlib.nullcontext()
+      augment = augments(name)
       with context:
-        r = time_step(config, torch_ref and torch_ref.step,
-                      augment=augments(name))
+        r = time_step(config, torch_ref and torch_ref.step, augment=augment)
       if torch_ref:
         torch_ref.close()
         torch_median = statistics.median(torch_ref.times)
@@ -407,7 +403,7 @@ def main(argv):
                else float('nan'))
       r['step_time_vs_bn'] = ratio
       r['config_overrides'] = overrides
-      r['augment'] = augments(name)
+      r['augment'] = augment
       print(f'| {size} | {name} | {config.training.batch_size} | '
             f'{r["images_per_sec"]:.1f} | {ratio:.2f} | {r["step_ms"]:.1f} | '
             f'{r["compile_sec"]:.1f} | '
