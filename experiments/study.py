@@ -133,7 +133,10 @@ def row_config(row: Row, *, dataset: str, epochs: float, smoke: bool,
       'training.checkpoint_every_steps': 100,
   })
   if smoke:
-    config.update_from_flattened_dict(SMOKE_OVERRIDES)
+    # The tiny network and run length, except what the row itself studies
+    # (e.g. the batch study's batch sizes).
+    config.update_from_flattened_dict(
+        {k: v for k, v in SMOKE_OVERRIDES.items() if k not in dict(row.extra)})
   config.lock()
   return config
 
@@ -301,16 +304,51 @@ def run_name(row: Row, seed: int) -> str:
   return row.name if seed == 0 else f'{row.name}_seed{seed}'
 
 
+def record_dir(results_dir: str, name: str, dataset: str,
+               epochs: float) -> str:
+  """Where a study keeps the records of its finished runs, in the repo.
+
+  `<results_dir>/runs/<name>_<dataset>_<epochs>ep/<run>/` holds each finished
+  run's row summary and metrics (kilobytes, no checkpoints), so that the
+  table and plot can be rebuilt, and finished runs skipped, on a machine that
+  never had the run's workdir.
+  """
+  return os.path.join(results_dir, 'runs', f'{name}_{dataset}_{epochs:g}ep')
+
+
+def run_dir(run: str, root: str, record: str = '') -> str:
+  """The folder holding `run`'s summary: its workdir, else its record."""
+  workdir = os.path.join(root, run)
+  if record and not os.path.exists(os.path.join(workdir, ROW_SUMMARY)):
+    kept = os.path.join(record, run)
+    if os.path.exists(os.path.join(kept, ROW_SUMMARY)):
+      return kept
+  return workdir
+
+
+def keep_record(run: str, root: str, record: str) -> None:
+  """Copies `run`'s summary and metrics from its workdir to `record`."""
+  target = os.path.join(record, run)
+  os.makedirs(target, exist_ok=True)
+  for name in (ROW_SUMMARY, 'metrics.jsonl'):
+    source = os.path.join(root, run, name)
+    if os.path.exists(source):
+      with open(source) as f:
+        files.write_text(os.path.join(target, name), f.read())
+
+
 def load_finished(root: str, rows: Sequence[Row],
-                  seeds: Sequence[int] = range(10)) -> Dict[str, dict]:
-  """Row summaries found under `root`, by run name (see `run_name`)."""
+                  seeds: Sequence[int] = range(10),
+                  record: str = '') -> Dict[str, dict]:
+  """Row summaries found under `root` (or `record`), by run name."""
   out = {}
   for row in rows:
     for seed in seeds:
-      path = os.path.join(root, run_name(row, seed), ROW_SUMMARY)
+      run = run_name(row, seed)
+      path = os.path.join(run_dir(run, root, record), ROW_SUMMARY)
       if os.path.exists(path):
         with open(path) as f:
-          out[run_name(row, seed)] = json.load(f)
+          out[run] = json.load(f)
   return out
 
 
@@ -445,52 +483,72 @@ def write_table(path: str, results: Dict[str, dict], baseline: dict, *,
 
 
 def write_plot(path: str, results: Dict[str, dict], baseline: dict,
-               root: str, rows: Sequence[Row] = ()) -> None:
-  """Top-1 per run; proj_std and RankMe of the projections over training."""
+               root: str, rows: Sequence[Row] = (), record: str = '') -> None:
+  """Top-1 per row (mean and spread over seeds); proj_std and RankMe curves.
+
+  Each row appears once: its bar is the mean over its seeds, the whisker the
+  sample std, the dots the seeds; its curves (one per seed) share its colour
+  and its legend entry.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  names = [r.get('run', r['row']) for runs in by_row(results, rows).values()
-           for r in runs]
+  grouped = by_row(results, rows)
+  names = list(grouped)
   fig, (ax_bar, ax_std, ax_rank) = plt.subplots(
       1, 3, figsize=(20, 0.45 * len(names) + 3))
   y = np.arange(len(names))
-  trained = [100 * results[n]['linear_top1'] for n in names]
-  init = [100 * results[n]['init_linear_top1'] for n in names]
-  colors = ['tab:red' if results[n]['collapsed'] else 'tab:blue'
-            for n in names]
-  bars = ax_bar.barh(y - 0.2, trained, height=0.4, color=colors,
-                     label='after pretraining (red: collapsed)')
-  ax_bar.bar_label(bars, fmt='%.1f', fontsize=7, padding=2)
-  ax_bar.barh(y + 0.2, init, height=0.4, color='tab:gray', alpha=0.6,
-              label='same encoder at initialisation')
+
+  def spread(values):
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+  trained = [[100 * r['linear_top1'] for r in grouped[n]] for n in names]
+  init = [[100 * r['init_linear_top1'] for r in grouped[n]] for n in names]
+  colors = ['tab:red' if any(r['collapsed'] for r in grouped[n]) else
+            'tab:blue' for n in names]
+  bars = ax_bar.barh(y - 0.2, [np.mean(v) for v in trained], height=0.4,
+                     xerr=[spread(v) for v in trained], color=colors,
+                     capsize=2, label='after pretraining, mean ± std over '
+                     'seeds (red: a seed collapsed)')
+  ax_bar.bar_label(bars, fmt='%.1f', fontsize=7, padding=6)
+  for i, v in enumerate(trained):
+    ax_bar.scatter(v, [y[i] - 0.2] * len(v), color='k', s=6, zorder=3)
+  ax_bar.barh(y + 0.2, [np.mean(v) for v in init], height=0.4,
+              xerr=[spread(v) for v in init], color='tab:gray', alpha=0.6,
+              capsize=2, label='same encoder at initialisation')
   ax_bar.axvline(100 * baseline['top1_accuracy'], color='k', ls='--', lw=1,
                  label='raw pixels')
-  ax_bar.set_yticks(y, names)
+  ax_bar.set_yticks(y, [f'{n} (n={len(grouped[n])})' for n in names])
   ax_bar.invert_yaxis()
   ax_bar.set_xlabel('linear top-1 (%), fast probe')
   ax_bar.set_xlim(0, 100)
   ax_bar.set_title('Fast linear probe, TEST split')
-  ax_bar.legend(loc='upper center', bbox_to_anchor=(0.5, -0.2), ncol=3,
+  ax_bar.legend(loc='upper center', bbox_to_anchor=(0.5, -0.2), ncol=2,
                 fontsize=8)
 
   cmap = plt.get_cmap('tab20')
   for i, n in enumerate(names):
-    records = read_metrics(os.path.join(root, n))
-    steps = [0] + [r['step'] for r in records]
-    stds = [results[n]['proj_std_step0']] + [r['proj_std'] for r in records]
-    ax_std.plot(steps, np.maximum(stds, 1e-8), color=cmap(i % 20),
-                ls='--' if results[n]['collapsed'] else '-', label=n)
-    if 'rankme_proj_step0' in results[n]:
-      ranks = [results[n]['rankme_proj_step0']] + [
-          r.get('rankme_proj', np.nan) for r in records]
-      ax_rank.plot(steps, ranks, color=cmap(i % 20),
-                   ls='--' if results[n]['collapsed'] else '-', label=n)
+    color = cmap(i % 20)
+    collapsed = any(r['collapsed'] for r in grouped[n])
+    style = '--' if collapsed else '-'
+    for j, r in enumerate(grouped[n]):
+      records = read_metrics(run_dir(r.get('run', r['row']), root, record))
+      steps = [0] + [m['step'] for m in records]
+      stds = [r['proj_std_step0']] + [m['proj_std'] for m in records]
+      label = n if j == 0 else None
+      ax_std.plot(steps, np.maximum(stds, 1e-8), color=color, ls=style,
+                  lw=1, alpha=0.8, label=label)
+      if 'rankme_proj_step0' in r:
+        ranks = [r['rankme_proj_step0']] + [
+            m.get('rankme_proj', np.nan) for m in records]
+        ax_rank.plot(steps, ranks, color=color, ls=style, lw=1, alpha=0.8,
+                     label=label)
   ax_std.set_yscale('log')
   ax_std.set_xlabel('step')
   ax_std.set_ylabel('proj_std (dashed: collapsed)')
-  ax_std.set_title('proj_std during pretraining (step 0: initial network)')
+  ax_std.set_title('proj_std during pretraining (one colour per row, '
+                   'a line per seed)')
   ax_std.legend(fontsize=7, ncol=2)
   ax_rank.set_yscale('log')
   ax_rank.set_xlabel('step')
@@ -547,7 +605,9 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
   printer(f'[{name}] {len(rows)} row(s) x {len(seeds)} seed(s) on {dataset}, '
           f'{"smoke (3 steps, tiny network)" if smoke else f"{epochs:g} epoch(s) per run"}; '
           f'workdirs under {root}')
-  finished = load_finished(root, rows, seeds)
+  # Smoke runs measure nothing: their records are not kept.
+  record = '' if smoke else record_dir(results_dir, name, dataset, epochs)
+  finished = load_finished(root, rows, seeds, record)
   todo = [run_name(r, s) for r, s in runs if run_name(r, s) not in finished]
   remaining = sum(estimate(configs[n]) for n in todo)
   printer(f'[{name}] {len(runs) - len(todo)} finished earlier, '
@@ -575,6 +635,8 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
     durations.append(time.time() - t0)
     estimates.append(estimate(config))
     finished[run] = result
+    if record:
+      keep_record(run, root, record)
     # Compiled programs of this run are not needed again.
     jax.clear_caches()
     left = [n for n in todo if n not in finished]
@@ -599,14 +661,15 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
       max_train_examples=max_train, max_test_examples=max_test,
       printer=printer)
   shown = list(all_rows) or list(rows)
-  everything = load_finished(root, shown)
+  everything = load_finished(root, shown, record=record)
   table_path = os.path.join(results_dir, f'{name}_{dataset}.md')
   plot_path = os.path.join(results_dir, f'{name}_{dataset}.png')
   text = write_table(table_path, everything, baseline, dataset=dataset,
                      command=command.strip(), max_train_examples=max_train,
                      max_test_examples=max_test, rows=shown, title=title,
                      label=label)
-  write_plot(plot_path, everything, baseline, root, rows=shown)
+  write_plot(plot_path, everything, baseline, root, rows=shown,
+             record=record)
   printer('')
   printer(text)
   printer(f'[{name}] wrote {table_path} and {plot_path}')
