@@ -627,6 +627,8 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
             f'run {run} in {workdir} was made with another config '
             f'({", ".join(diff[:4])}); use another --workdir_root')
       printer(f'{head}: finished earlier, skipped')
+      if record and os.path.exists(os.path.join(workdir, ROW_SUMMARY)):
+        keep_record(run, root, record)
       continue
     printer(f'{head}: {experiment.num_steps(config)} steps')
     t0 = time.time()
