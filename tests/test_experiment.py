@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -341,3 +342,95 @@ def test_bfloat16_steps_track_float32():
   gap = np.linalg.norm(flat(p16) - flat(p32))
   assert gap <= 0.35 * moved, (gap, moved)
 
+
+
+@functools.lru_cache(maxsize=None)
+def _one_device(variant='local'):
+  """(config, forward, optimizer, initial state) of one device, 20 steps."""
+  config = tiny_config(variant)
+  forward = model.make_forward(config, 10, axis_name=None)
+  optimizer = update_lib.make_optimizer(config, 20, 0)
+  init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
+  state = init(jax.random.PRNGKey(0),
+               np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+  return config, forward, optimizer, state
+
+
+class UpdateStepVariantsTest(chex.TestCase):
+  """The update step under pmap (one device: device index 0, as under jit)
+  gives the jitted step's state and logs (the jitted step, `_guarded_step`,
+  is the reference; a with_jit variant would compile the same program again).
+  The op-by-op (without_jit) form is left out: compiling each primitive of a
+  ResNet's step alone costs ~55 s of CPU; the pieces it is made of (losses,
+  LARS, EMA, schedules, GN/WS, augmentations) each have all three variants,
+  and test_update_without_augmentations_trains_on_the_views_as_given checks
+  the jitted step against `loss_fn` called directly."""
+
+  @chex.variants(with_pmap=True)
+  def test_pmap_form_equals_the_jitted_step(self):
+    config, forward, optimizer, state = _one_device()
+    pmapped = self.variant.type is chex.ChexVariantType.WITH_PMAP
+    fn = update_lib.make_update_fn(
+        config, forward, optimizer, 20, 0,
+        axis_name=devices.AXIS if pmapped else None)
+    step = self.variant(fn, **({'n_devices': 1} if pmapped else {}))
+    batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
+    new, logs = step(state, batch, jax.random.PRNGKey(3))
+    reference, reference_logs = _guarded_step()(state, batch,
+                                                jax.random.PRNGKey(3))
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, reference)
+    chex.assert_trees_all_close(new, reference, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(logs, reference_logs, rtol=1e-5, atol=1e-6)
+    chex.assert_tree_all_finite(logs)
+    assert int(new.step) == 1
+
+
+@functools.lru_cache(maxsize=None)
+def _guarded_step():
+  """The jitted one-device update step, guarded against retracing: every test
+  that calls it (below and above) checks that it compiles once."""
+  config, forward, optimizer, _ = _one_device()
+  return jax.jit(chex.assert_max_traces(update_lib.make_update_fn(
+      config, forward, optimizer, 20, 0, axis_name=None), n=1))
+
+
+def test_update_step_compiles_once_and_a_leaked_python_scalar_retraces():
+  _, _, _, state = _one_device()
+  step = _guarded_step()
+  batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
+  losses = []
+  for i in range(3):  # new values, same shapes and dtypes: no new trace
+    state, logs = step(state, batch, jax.random.PRNGKey(i))
+    losses.append(float(logs['loss']))
+  assert len(set(losses)) == 3 and int(state.step) == 3
+  # A restore that hands back the step as a Python int: a weakly typed scalar
+  # is another abstract value, so the step would compile again.
+  leaked = state._replace(step=int(state.step))
+  with pytest.raises(AssertionError, match='assert_max_traces'):
+    step(leaked, batch, jax.random.PRNGKey(9))
+
+
+def _wrong_layouts():
+  batch = jax.tree.map(lambda x: x[0], fixed_batch(1))  # [accum 1, 16, ...]
+  return {
+      # The micro-batch axis left out: [16, H, W, 3] views, [16] labels.
+      'no_micro_batch_axis': (jax.tree.map(lambda x: x[0], batch), 'rank'),
+      # Labels of 3 examples beside views of 16.
+      'labels_of_other_examples': (dict(batch, labels=batch['labels'][:, :3]),
+                                   'shape_prefix'),
+      # Two micro-batches where the config says one.
+      'other_accumulation': (jax.tree.map(
+          lambda x: x.reshape((2, x.shape[1] // 2) + x.shape[2:]), batch),
+                             'axis_dimension'),
+  }
+
+
+@pytest.mark.parametrize('name', list(_wrong_layouts()))
+def test_a_batch_of_the_wrong_layout_fails_while_tracing(name):
+  config, forward, optimizer, state = _one_device()
+  batch, check = _wrong_layouts()[name]
+  fn = update_lib.make_update_fn(config, forward, optimizer, 20, 0,
+                                 axis_name=None)
+  # Caught while tracing, before anything is compiled.
+  with pytest.raises(AssertionError, match=check):
+    jax.jit(fn).trace(state, batch, jax.random.PRNGKey(0))
