@@ -163,6 +163,7 @@ def _eval_config(arg, **fields):
 # does a quarter of the work (it pools globally, so any size works).
 
 
+@pytest.mark.slow
 def test_linear_eval_selects_on_valid_and_reports_test(tiny_workdir):
   config = _eval_config('local', **{'data.image_size': 8,
       'training.batch_size': 64, 'training.max_steps': 8,
@@ -253,6 +254,7 @@ def test_haiku_head_init_is_hk_linear_default():
   assert not np.any(np.asarray(zeros['w']))
 
 
+@pytest.mark.slow
 def test_dm_protocol_one_head_on_train_and_valid(tiny_workdir):
   config = _eval_config('local,dm', **{
       'training.batch_size': 64, 'training.max_steps': 2,
@@ -270,6 +272,7 @@ def test_dm_protocol_one_head_on_train_and_valid(tiny_workdir):
                                      'summary.json'))
 
 
+@pytest.mark.slow
 def test_finetune_moves_the_encoder_and_lowers_the_loss(tiny_workdir):
   pretrain_config, params, state, _ = eval_experiment.load_pretrained(
       tiny_workdir)
@@ -298,6 +301,7 @@ def test_finetune_moves_the_encoder_and_lowers_the_loss(tiny_workdir):
   assert 0.1 < result['top1_accuracy'] <= result['top5_accuracy'] <= 1.0
 
 
+@pytest.mark.slow
 def test_fast_probe_from_the_command_line(tiny_workdir):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   result = subprocess.run(
@@ -331,6 +335,7 @@ def test_a_config_no_network_can_be_built_from_is_a_user_error(tmp_path):
   assert os.listdir(tmp_path) == ['config.json']
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_are_calibrated_before_probing_an_init_net():
   config = tiny_config('local,bn')
   forward = model.make_forward(config, 10, axis_name=None)

@@ -94,6 +94,7 @@ def init_state(init, n):
               np.zeros((n, BATCH // n, IMAGE, IMAGE, 3), np.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant,method', [
     ('local', 'byol'),  # GN+WS everywhere
     ('local,bn', 'byol'),
@@ -119,6 +120,7 @@ def test_pmapped_steps_lower_the_loss_on_a_fixed_batch(variant, method):
   np.testing.assert_array_equal(leaf0[0], leaf0[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['local', 'local,bn'])
 def test_one_device_and_four_follow_the_same_trajectory(variant):
   """The same global batch of 16 on 1 device or split over 4: the same
@@ -189,6 +191,7 @@ def test_classifier_gradient_does_not_reach_the_encoder():
       assert norm == 0, name
 
 
+@pytest.mark.slow
 def test_accumulation_equals_the_large_batch_under_gn_ws():
   """k micro-batches of B/k with averaged gradients == one batch of B."""
   # Augmentation randomness is drawn per micro-batch; with every
@@ -222,25 +225,26 @@ def test_accumulation_equals_the_large_batch_under_gn_ws():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('images_per_pass', [8, 12])
 def test_passes_of_fewer_images_give_the_one_pass_step(images_per_pass):
   """training.images_per_pass: the same step as one pass of both views (the
   old path, images_per_pass=0), up to float rounding; 12 leaves a short
   last pass (32 images: 12 + 12 + 8)."""
   config = tiny_config('local')
+  assert config.training.images_per_pass == 0  # the one-pass step
   batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
-  results = []
-  for size in (0, images_per_pass):
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.training.images_per_pass = size
-    c.lock()
-    init, update = jitted(c)
-    state = init(jax.random.PRNGKey(0),
-                 np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
-    for _ in range(2):
-      state, logs = update(state, batch, jax.random.PRNGKey(3))
-    results.append((state, logs))
+  results = [_two_one_pass_steps()]  # shared by both parameters
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  c.training.images_per_pass = images_per_pass
+  c.lock()
+  init, update = jitted(c)
+  state = init(jax.random.PRNGKey(0),
+               np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+  for _ in range(2):
+    state, logs = update(state, batch, jax.random.PRNGKey(3))
+  results.append((state, logs))
   (s0, l0), (s1, l1) = results
   for key in ('loss', 'repr_loss', 'classif_loss', 'proj_std'):
     np.testing.assert_allclose(float(l1[key]), float(l0[key]), rtol=1e-5)
@@ -254,17 +258,14 @@ def test_update_without_augmentations_trains_on_the_views_as_given():
   """make_update_fn(augment=False) (the benchmark's +noaug): the step's loss
   is that of the given views, normalised only; with the augmentations the
   same batch gives another loss."""
-  config = tiny_config('local')
-  forward = model.make_forward(config, 10, axis_name=None)
-  optimizer = update_lib.make_optimizer(config, 20, 0)
-  init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
-  state = init(jax.random.PRNGKey(0),
-               np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+  config, forward, optimizer, state = _one_device()
   batch = fixed_batch(1)
   losses = {}
   for augment in (False, True):
-    update = jax.jit(update_lib.make_update_fn(
-        config, forward, optimizer, 20, 0, axis_name=None, augment=augment))
+    # With the augmentations: the module's shared (guarded) jitted step.
+    update = _guarded_step() if augment else jax.jit(
+        update_lib.make_update_fn(config, forward, optimizer, 20, 0,
+                                  axis_name=None, augment=False))
     _, logs = update(state, jax.tree.map(lambda x: x[0], batch),
                      jax.random.PRNGKey(3))
     losses[augment] = float(logs['repr_loss'])
@@ -288,6 +289,7 @@ def test_images_per_pass_must_not_be_negative():
     experiment.validate_config(config)
 
 
+@pytest.mark.slow
 def test_accumulation_under_batchnorm_runs_with_per_micro_batch_statistics():
   """BN + accumulation: finite, and the BN averages move once per micro-batch
   (each micro-batch is normalised with its own statistics)."""
@@ -311,6 +313,7 @@ def test_accumulation_under_batchnorm_runs_with_per_micro_batch_statistics():
   assert max(moved) > 1e-3
 
 
+@pytest.mark.slow
 def test_bfloat16_steps_track_float32():
   """model.dtype=bfloat16: convolutions and matmuls in bf16; parameters,
   normalization statistics and the loss in f32. Five steps on a fixed batch
@@ -434,3 +437,13 @@ def test_a_batch_of_the_wrong_layout_fails_while_tracing(name):
   # Caught while tracing, before anything is compiled.
   with pytest.raises(AssertionError, match=check):
     jax.jit(fn).trace(state, batch, jax.random.PRNGKey(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _two_one_pass_steps():
+  """(state, logs) after two shared steps of key 3 on `fixed_batch(1)`."""
+  _, _, _, state = _one_device()
+  batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
+  for _ in range(2):
+    state, logs = _guarded_step()(state, batch, jax.random.PRNGKey(3))
+  return state, logs

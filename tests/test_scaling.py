@@ -97,6 +97,8 @@ def _start_pair(tmp_path_factory, workdir, logs):
       for pid in range(2)]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('reference_run')
 def test_two_processes_of_two_devices_train_like_one_of_four(
     tmp_path_factory, tmp_path):
   """2 processes x 2 CPU devices, over loopback, preempted once and resumed,
@@ -145,6 +147,7 @@ BAD_CLUSTERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(BAD_CLUSTERS))
 def test_bad_cluster_config_is_one_error_line(tmp_path_factory, tmp_path,
                                               name):
