@@ -232,7 +232,6 @@ def test_passes_of_fewer_images_give_the_one_pass_step(images_per_pass):
   old path, images_per_pass=0), up to float rounding; 12 leaves a short
   last pass (32 images: 12 + 12 + 8)."""
   config = tiny_config('local')
-  assert config.training.images_per_pass == 0  # the one-pass step
   batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
   results = [_two_one_pass_steps()]  # shared by both parameters
   c = config.copy_and_resolve_references()
@@ -441,9 +440,14 @@ def test_a_batch_of_the_wrong_layout_fails_while_tracing(name):
 
 @functools.lru_cache(maxsize=None)
 def _two_one_pass_steps():
-  """(state, logs) after two shared steps of key 3 on `fixed_batch(1)`."""
-  _, _, _, state = _one_device()
+  """(state, logs) after two steps of key 3 on `fixed_batch(1)` with
+  images_per_pass=0 (one pass of both views); shared by the parameters of
+  test_passes_of_fewer_images_give_the_one_pass_step."""
+  c = tiny_config('local', **{'training.images_per_pass': 0})
+  init, update = jitted(c)
+  state = init(jax.random.PRNGKey(0),
+               np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
   batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
   for _ in range(2):
-    state, logs = _guarded_step()(state, batch, jax.random.PRNGKey(3))
+    state, logs = update(state, batch, jax.random.PRNGKey(3))
   return state, logs
