@@ -15,20 +15,28 @@ FMNIST_DIR=${BYOL_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 
 say() { echo "[run.sh] $*" >&2; }
 
+# setup_python [FILE...]: installs requirements.txt and the given extra files
+# (the test verb adds requirements-test.txt) unless the stamp holds the
+# checksum of each: editing any of them reinstalls.
 setup_python() {
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating $VENV with $($PYTHON --version 2>&1)"
     "$PYTHON" -m venv "$VENV"
   fi
+  local files=(requirements.txt "$@")
   local stamp="$VENV/.requirements.sha256"
-  local want
-  want=$(sha256sum requirements.txt | cut -d' ' -f1)
-  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    say "installing requirements.txt into $VENV (a few minutes the first time)"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -r requirements.txt
-    echo "$want" > "$stamp"
-  fi
+  local sums f missing=0
+  sums=$(sha256sum "${files[@]}")
+  while read -r line; do
+    if [ ! -f "$stamp" ] || ! grep -qxF "$line" "$stamp"; then missing=1; fi
+  done <<< "$sums"
+  [ "$missing" = 0 ] && return
+  say "installing ${files[*]} into $VENV (a few minutes the first time)"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  local args=()
+  for f in "${files[@]}"; do args+=(-r "$f"); done
+  "$VENV/bin/python" -m pip install --quiet "${args[@]}"
+  echo "$sums" > "$stamp"
 }
 
 setup_dataset() {
@@ -52,7 +60,7 @@ setup_dataset() {
 }
 
 setup() {
-  setup_python
+  setup_python "$@"
   setup_dataset
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
@@ -70,10 +78,12 @@ case "$verb" in
         --probe "$@"
     ;;
   test)
-    setup
-    say "running the test suite"
-    # pytest.ini names tests/ as the test path; arguments narrow it.
-    exec "$VENV/bin/python" -m pytest -q "$@"
+    setup requirements-test.txt
+    say "running the test suite on 2 workers"
+    # pytest.ini names tests/ as the test path; arguments narrow it (and a
+    # later -n overrides this one: -n 0 runs in one process). loadgroup keeps
+    # the tests that share one main.py reference run on one worker.
+    exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadgroup "$@"
     ;;
   ablation)
     setup

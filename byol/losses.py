@@ -1,5 +1,6 @@
 """Losses: BYOL's normalised regression loss and SimCLR's NT-Xent."""
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +32,9 @@ def regression_loss(x, y, eps=1e-12):
   Returns:
     The loss per example, shape [...] (e.g. [B]).
   """
+  # Checked while tracing (free under jit): broadcasting a [B, D] against a
+  # [D] or [1, D] target would give a loss, just not this one.
+  chex.assert_equal_shape([x, y])
   x = l2_normalize(x, axis=-1, eps=eps)
   y = l2_normalize(y, axis=-1, eps=eps)
   return jnp.sum(jnp.square(x - y), axis=-1)
@@ -58,6 +62,9 @@ def byol_loss(online_pred_view1, online_pred_view2,
   # collapsed (constant) representation that BYOL's asymmetry avoids. The
   # caller may already have stopped it; doing it here makes the loss safe on
   # its own.
+  chex.assert_rank(online_pred_view1, 2)
+  chex.assert_equal_shape([online_pred_view1, online_pred_view2,
+                           target_proj_view1, target_proj_view2])
   target_proj_view1 = jax.lax.stop_gradient(target_proj_view1)
   target_proj_view2 = jax.lax.stop_gradient(target_proj_view2)
   loss = (regression_loss(online_pred_view1, target_proj_view2) +
@@ -86,6 +93,8 @@ def nt_xent(z1, z2, temperature=0.1, axis_name=None):
   Returns:
     The mean over this device's 2B anchors, a scalar.
   """
+  chex.assert_rank(z1, 2)
+  chex.assert_equal_shape([z1, z2])
   z1 = l2_normalize(z1)
   z2 = l2_normalize(z2)
   batch = z1.shape[0]

@@ -13,6 +13,7 @@ micro-batch's loss), `views_forward` (both views through a network),
 import functools
 from typing import Callable, Optional
 
+import chex
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -233,6 +234,14 @@ def make_update_fn(config: ml_collections.ConfigDict,
                               augment=augment)
 
   def update(state, inputs, rng):
+    # The batch's layout, checked while tracing (free under jit/pmap): a batch
+    # without its micro-batch axis would otherwise fail deep in the scan, or
+    # (accumulation 1) train on a slice of it.
+    chex.assert_rank([inputs['view1'], inputs['labels']], [5, 2])
+    chex.assert_equal_shape([inputs['view1'], inputs['view2']])
+    chex.assert_equal_shape_prefix(
+        [inputs['view1'], inputs['labels']], 2)
+    chex.assert_axis_dimension(inputs['view1'], 0, t.accumulation_steps)
     # `rng` is the same on every device: per-example keys (example_keys) make
     # the augmentations differ between examples, and so between devices.
     grads, online_state, target_state, logs = accumulate_gradients(

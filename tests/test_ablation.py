@@ -4,6 +4,8 @@ import json
 import os
 import re
 
+import pytest
+
 from experiments import ablation
 from experiments import collapse_study
 from experiments import study
@@ -42,6 +44,7 @@ def _numeric_cells(table, row):
   return [float(c.split()[0]) for c in cells[2:8]], cells
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_the_table_and_skips_finished_rows(tmp_path):
   rows = 'byol_bn_enc,simclr_bn_none'
   argv = ['--smoke', f'--rows={rows}', f'--workdir_root={tmp_path}',

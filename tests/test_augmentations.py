@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -314,22 +315,85 @@ def _batch(n=8, side=24, seed=9):
       'labels': jnp.arange(n, dtype=jnp.int32)})
 
 
-def test_postprocess_jit_equals_eager_and_stays_in_range():
-  batch, key = _batch(), jax.random.key(10)
-  jitted = jax.jit(functools.partial(aug.postprocess, config=AUG_CONFIG))
+@functools.lru_cache(maxsize=None)
+def _guarded_postprocess():
+  """`postprocess` jitted once for the module, guarded against retracing:
+  every call below (several batches' worth of keys) must reuse its one
+  compilation."""
+  @chex.assert_max_traces(n=1)
+  def augment(batch, key):
+    return aug.postprocess(batch, key, AUG_CONFIG)
+  return jax.jit(augment)
+
+
+class PostprocessVariantsTest(chex.TestCase):
+  """`postprocess` plain (op by op), jitted and pmapped: the same views."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_postprocess_equals_the_jitted_form_and_stays_in_range(self):
+    batch, key = _batch(), jax.random.PRNGKey(10)
+    out = self.variant(
+        lambda b, k: aug.postprocess(b, k, AUG_CONFIG))(batch, key)
+    reference = _guarded_postprocess()(batch, key)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, batch)
+    for k in ('view1', 'view2'):
+      chex.assert_trees_all_close(out[k], reference[k], atol=1e-5, rtol=0)
+      chex.assert_shape(out[k], (2, 4, 24, 24, 3))
+      chex.assert_type(out[k], jnp.float32)
+      assert float(out[k].min()) >= 0. and float(out[k].max()) <= 1.
+      assert float(jnp.abs(out[k] - batch[k]).mean()) > 0.01
+    chex.assert_trees_all_equal(out['labels'], batch['labels'])
+    # View 1 always blurs: a blurred image has less pixel-to-pixel variation.
+    tv = lambda x: float(jnp.abs(jnp.diff(x, axis=-2)).mean())
+    assert tv(out['view1']) < tv(batch['view1'])
+
+
+def test_postprocess_is_a_function_of_its_key_and_compiles_once():
+  batch, key = _batch(), jax.random.PRNGKey(10)
+  jitted = _guarded_postprocess()
   out = jitted(batch, key)
-  eager = aug.postprocess(batch, key, AUG_CONFIG)  # op by op, not compiled
-  for k in ('view1', 'view2'):
-    np.testing.assert_allclose(out[k], eager[k], atol=1e-5)
-    assert out[k].shape == (2, 4, 24, 24, 3) and out[k].dtype == jnp.float32
-    assert float(out[k].min()) >= 0. and float(out[k].max()) <= 1.
-    assert float(jnp.abs(out[k] - batch[k]).mean()) > 0.01
-  np.testing.assert_array_equal(out['labels'], batch['labels'])
-  # View 1 always blurs: a blurred image has less pixel-to-pixel variation.
-  tv = lambda x: float(jnp.abs(jnp.diff(x, axis=-2)).mean())
-  assert tv(out['view1']) < tv(batch['view1'])
   # Different keys, different views; the same key, the same views.
   again = jitted(batch, key)
-  other = jitted(batch, jax.random.key(11))
-  np.testing.assert_array_equal(again['view1'], out['view1'])
+  other = jitted(batch, jax.random.PRNGKey(11))
+  chex.assert_trees_all_equal(again, out)
   assert float(jnp.abs(other['view1'] - out['view1']).max()) > 0.1
+  # Another batch shape is another program: the guard says so.
+  with pytest.raises(AssertionError, match='assert_max_traces'):
+    jitted(jax.tree.map(lambda x: x[:, :2], batch), key)
+
+
+class ColourOpVariantsTest(chex.TestCase):
+  """The single ops, plain, jitted and pmapped, against TensorFlow's."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_ops_match_tensorflow(self):
+    x = _random_images(14, n=2, side=8)
+    variant = lambda fn: self.variant(fn)(jnp.asarray(x))
+    checks = [
+        (lambda im: aug.adjust_hue(im, 0.1), tf.image.adjust_hue(x, 0.1)),
+        (lambda im: aug.adjust_saturation(im, 0.6),
+         tf.image.adjust_saturation(x, 0.6)),
+        (lambda im: aug.adjust_brightness(im, 0.2),
+         tf.image.adjust_brightness(x, 0.2)),
+        (jax.vmap(lambda im: aug.adjust_contrast(im, 1.3)),
+         tf.image.adjust_contrast(x, 1.3)),
+        (aug.to_grayscale, tf.image.rgb_to_grayscale(x)),
+        (lambda im: aug.solarize(im, 0.5), tf.where(x < 0.5, x, 1. - x)),
+    ]
+    for fn, expected in checks:
+      out = variant(fn)
+      chex.assert_trees_all_close(
+          jnp.broadcast_to(out, x.shape), np.broadcast_to(np.clip(
+              expected.numpy(), 0., 1.), x.shape), atol=1e-4, rtol=0)
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_blur_equals_a_zero_padded_convolution(self):
+    image = _random_images(15, n=1, side=12)[0]
+    k = np.exp(-0.5 * (np.arange(-2, 3) / 1.3)**2)
+    k2 = np.outer(k, k) / k.sum()**2
+    expected = np.stack([ndimage.correlate(
+        image[..., c].astype(np.float64), k2, mode='constant', cval=0.)
+                         for c in range(3)], -1)
+    out = self.variant(lambda im, s: aug.gaussian_blur(im, s, 5))(
+        jnp.asarray(image), jnp.float32(1.3))
+    chex.assert_trees_all_close(out, expected, atol=1e-6, rtol=0)

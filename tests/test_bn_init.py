@@ -1,5 +1,8 @@
 """The BN-init protocol: BatchNorm folded into trainable per-channel affines."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,14 +22,33 @@ def _assert_outputs_close(got, expected):
   """Every output within 1e-4 of the largest magnitude of its reference."""
   for name in expected:
     scale = float(np.abs(np.asarray(expected[name])).max())
-    np.testing.assert_allclose(np.asarray(got[name]),
-                               np.asarray(expected[name]),
-                               atol=1e-4 * max(scale, 1.0), rtol=0,
-                               err_msg=name)
+    chex.assert_trees_all_close(got[name], expected[name],
+                                atol=1e-4 * max(scale, 1.0), rtol=0,
+                                custom_message=name)
 
 
 def _forward(config):
   return model.make_forward(config, 10, axis_name=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(config_json):
+  """(init, apply) of the network of a config (given as its JSON), jitted
+  once for the module: op-by-op, every test would compile each primitive."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  forward = _forward(ml_collections.ConfigDict(json.loads(config_json)))
+  return (jax.jit(forward.init, static_argnums=2),
+          jax.jit(forward.apply, static_argnums=4))
+
+
+def _init(config, key, images):
+  return _jitted(config.to_json())[0](key, images, True)
+
+
+def _apply(config, params, state, images, is_training=True):
+  return _jitted(config.to_json())[1](params, state, None, images,
+                                      is_training)
 
 
 def _images(seed=0, batch=BATCH):
@@ -46,27 +68,26 @@ def converted():
           key, images)
   # The BatchNorm network the conversion started from (same key, same
   # weights; the statistics network differs only in its moving-average decay).
-  bn_forward = _forward(bn_init.statistics_config(config))
-  bn_params, bn_state = bn_forward.init(key, images, True)
+  bn_params, bn_state = _init(bn_init.statistics_config(config), key, images)
   return config, bn_params, bn_state, params, state, images
 
 
 def test_converted_network_computes_the_bn_networks_outputs(converted):
   config, bn_params, bn_state, params, state, images = converted
-  bn_forward = _forward(bn_init.statistics_config(config))
-  expected, _ = bn_forward.apply(bn_params, bn_state, None, images, True)
-  affine_forward = _forward(config)  # model.init=bn_init -> affine network
+  expected, _ = _apply(bn_init.statistics_config(config), bn_params, bn_state,
+                       images)
+  # model.init=bn_init -> the affine network
   for is_training in (True, False):
-    got, _ = affine_forward.apply(params, state, None, images, is_training)
+    got, _ = _apply(config, params, state, images, is_training)
     assert set(got) == set(expected) == {'embedding', 'projection',
                                          'prediction', 'logits'}
     _assert_outputs_close(got, expected)
   # Not trivially so: the same weights with default affines (1, 0), i.e. no
   # normalization at all, compute something else.
-  default_params, _ = affine_forward.init(jax.random.PRNGKey(3), images, True)
+  default_params, _ = _init(config, jax.random.PRNGKey(3), images)
   default_params = {m: (default_params[m] if 'affine' in m else v)
                     for m, v in params.items()}
-  plain, _ = affine_forward.apply(default_params, state, None, images, True)
+  plain, _ = _apply(config, default_params, state, images)
   assert float(np.abs(np.asarray(plain['projection']) -
                       np.asarray(expected['projection'])).max()) > 1e-2
 
@@ -76,8 +97,8 @@ def test_folding_uses_gamma_and_beta():
   config = tiny_config('local,bn')
   images = _images(1)
   key = jax.random.PRNGKey(0)
-  stats_forward = _forward(bn_init.statistics_config(config))
-  bn_params, bn_state = stats_forward.init(key, images, True)
+  stats_config = bn_init.statistics_config(config)
+  bn_params, bn_state = _init(stats_config, key, images)
   rng = np.random.RandomState(0)
   for module in bn_params:
     if 'batchnorm' in module:
@@ -86,29 +107,26 @@ def test_folding_uses_gamma_and_beta():
         bn_params[module][leaf] = jnp.asarray(
             rng.uniform(0.5, 1.5, shape) if leaf == 'scale'
             else rng.randn(*shape), jnp.float32)
-  expected, bn_state = stats_forward.apply(bn_params, bn_state, None, images,
-                                           True)
-  affine_forward = _forward(bn_init.affine_config(config))
-  template, state = affine_forward.init(key, images, True)
+  expected, bn_state = _apply(stats_config, bn_params, bn_state, images)
+  affine = bn_init.affine_config(config)
+  template, state = _init(affine, key, images)
   params = bn_init.convert_bn_to_affine(bn_params, bn_state, template,
                                         config.model.bn_eps)
-  got, _ = affine_forward.apply(params, state, None, images, True)
+  got, _ = _apply(affine, params, state, images)
   _assert_outputs_close(got, expected)
 
 
 def test_converted_network_is_batch_independent(converted):
   config, bn_params, bn_state, params, state, images = converted
-  affine_forward = _forward(config)
-  batch, _ = affine_forward.apply(params, state, None, images, True)
-  alone, _ = affine_forward.apply(params, state, None, images[3:4], True)
+  batch, _ = _apply(config, params, state, images)
+  alone, _ = _apply(config, params, state, images[3:4])
   for name in ('embedding', 'projection', 'prediction'):
-    np.testing.assert_allclose(np.asarray(alone[name][0]),
-                               np.asarray(batch[name][3]), rtol=1e-5,
-                               atol=1e-5)
+    chex.assert_trees_all_close(alone[name][0], batch[name][3], rtol=1e-5,
+                                atol=1e-5)
   # The BatchNorm network in training mode is not.
-  bn_forward = _forward(bn_init.statistics_config(config))
-  bn_batch, _ = bn_forward.apply(bn_params, bn_state, None, images, True)
-  bn_pair, _ = bn_forward.apply(bn_params, bn_state, None, images[3:5], True)
+  stats_config = bn_init.statistics_config(config)
+  bn_batch, _ = _apply(stats_config, bn_params, bn_state, images)
+  bn_pair, _ = _apply(stats_config, bn_params, bn_state, images[3:5])
   assert float(np.abs(np.asarray(bn_pair['projection'][0]) -
                       np.asarray(bn_batch['projection'][3])).max()) > 1e-2
 
@@ -135,10 +153,14 @@ def test_scale_and_offset_are_trainable_params(converted):
       assert float(jnp.abs(grads[m][leaf]).max()) > 0, (m, leaf)
 
 
+@pytest.mark.slow
 def test_bn_init_config_pretrains(tmp_path):
+  # The online classifier's TEST pass and the diagnostics are the train
+  # loop's, tested on the reference run (tests/test_train_loop.py): off here.
   config = tiny_config('local,bn_init', **{
       'training.max_steps': 2, 'training.log_every_steps': 1,
-      'training.checkpoint_every_steps': 2, 'model.bn_init_batch_size': 32})
+      'training.checkpoint_every_steps': 2, 'model.bn_init_batch_size': 32,
+      'training.eval_every_steps': 0, 'training.diagnostics_batch_size': 0})
   exp = experiment.PretrainExperiment(config, str(tmp_path),
                                       printer=lambda _: None)
   summary = train_loop.train(exp)

@@ -157,6 +157,7 @@ def imported(tmp_path, deepmind_modules, small_config):
   return state, path, workdir
 
 
+@pytest.mark.slow
 def test_small_resnet_imports_evaluates_and_resumes(imported, small_config):
   state, path, workdir = imported
   assert b'byol.byol_experiment' in open(path, 'rb').read(4096)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,6 +163,7 @@ def _eval_config(arg, **fields):
 # does a quarter of the work (it pools globally, so any size works).
 
 
+@pytest.mark.slow
 def test_linear_eval_selects_on_valid_and_reports_test(tiny_workdir):
   config = _eval_config('local', **{'data.image_size': 8,
       'training.batch_size': 64, 'training.max_steps': 8,
@@ -252,6 +254,7 @@ def test_haiku_head_init_is_hk_linear_default():
   assert not np.any(np.asarray(zeros['w']))
 
 
+@pytest.mark.slow
 def test_dm_protocol_one_head_on_train_and_valid(tiny_workdir):
   config = _eval_config('local,dm', **{
       'training.batch_size': 64, 'training.max_steps': 2,
@@ -269,6 +272,7 @@ def test_dm_protocol_one_head_on_train_and_valid(tiny_workdir):
                                      'summary.json'))
 
 
+@pytest.mark.slow
 def test_finetune_moves_the_encoder_and_lowers_the_loss(tiny_workdir):
   pretrain_config, params, state, _ = eval_experiment.load_pretrained(
       tiny_workdir)
@@ -297,6 +301,7 @@ def test_finetune_moves_the_encoder_and_lowers_the_loss(tiny_workdir):
   assert 0.1 < result['top1_accuracy'] <= result['top5_accuracy'] <= 1.0
 
 
+@pytest.mark.slow
 def test_fast_probe_from_the_command_line(tiny_workdir):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   result = subprocess.run(
@@ -330,6 +335,7 @@ def test_a_config_no_network_can_be_built_from_is_a_user_error(tmp_path):
   assert os.listdir(tmp_path) == ['config.json']
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_are_calibrated_before_probing_an_init_net():
   config = tiny_config('local,bn')
   forward = model.make_forward(config, 10, axis_name=None)
@@ -352,3 +358,44 @@ def test_batchnorm_statistics_are_calibrated_before_probing_an_init_net():
   # A network without BatchNorm is left as it is.
   gn = tiny_config('local')
   assert eval_experiment.calibrate_batchnorm(gn, {}, {'x': 1}) == {'x': 1}
+
+
+def test_linear_eval_steps_compile_once_over_batches():
+  """The lr-grid train and eval steps, and an encoder's embed function, each
+  traced once over several batches of one shape."""
+  lrs = (0.8, 0.2)
+  fns = eval_experiment.make_linear_eval_fns(
+      eval_experiment.pixels_embed, 4, lrs, 6, 0.9, axis_name=None)
+  train = jax.jit(chex.assert_max_traces(fns.train_step, n=1))
+  evaluate = jax.jit(chex.assert_max_traces(fns.eval_step, n=1))
+  rng = np.random.RandomState(1)
+  heads, opt_state = fns.init(12)
+  mask = np.ones(32, np.float32)
+  mask[-5:] = 0.
+  for _ in range(3):
+    images = rng.randn(32, 2, 2, 3).astype(np.float32)
+    labels = rng.randint(0, 4, size=32).astype(np.int32)
+    heads, opt_state, loss = train(heads, opt_state, None, None, images,
+                                   labels)
+    chex.assert_shape(loss, (len(lrs),))
+    chex.assert_tree_all_finite((heads, loss))
+    hit1, hit5, count = evaluate(heads, None, None, images, labels, mask)
+    chex.assert_shape([hit1, hit5], [(len(lrs),)] * 2)
+    assert int(count) == 27
+    assert np.all(np.asarray(hit1) <= np.asarray(hit5))
+    assert np.all(np.asarray(hit5) == 27)  # 4 classes: every label in a top 5
+  chex.assert_shape(heads['w'], (len(lrs), 12, 4))
+
+  config = tiny_config('local')
+  forward = model.make_forward(config, 10, axis_name=None)
+  params, state = jax.jit(forward.init, static_argnums=2)(
+      jax.random.PRNGKey(0), np.zeros((2, 8, 8, 3), np.float32), True)
+  embed = jax.jit(chex.assert_max_traces(
+      eval_experiment.make_embed_fn(config), n=1))
+  for seed in range(3):
+    images = np.random.RandomState(seed).uniform(
+        size=(4, 8, 8, 3)).astype(np.float32)
+    features = embed(params, state, images)
+    # width 1/8 of a basic-block ResNet: 512 / 8 = 64 features.
+    chex.assert_shape(features, (4, 64))
+    chex.assert_tree_all_finite(features)

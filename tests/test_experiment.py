@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +94,7 @@ def init_state(init, n):
               np.zeros((n, BATCH // n, IMAGE, IMAGE, 3), np.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant,method', [
     ('local', 'byol'),  # GN+WS everywhere
     ('local,bn', 'byol'),
@@ -118,6 +120,7 @@ def test_pmapped_steps_lower_the_loss_on_a_fixed_batch(variant, method):
   np.testing.assert_array_equal(leaf0[0], leaf0[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['local', 'local,bn'])
 def test_one_device_and_four_follow_the_same_trajectory(variant):
   """The same global batch of 16 on 1 device or split over 4: the same
@@ -188,6 +191,7 @@ def test_classifier_gradient_does_not_reach_the_encoder():
       assert norm == 0, name
 
 
+@pytest.mark.slow
 def test_accumulation_equals_the_large_batch_under_gn_ws():
   """k micro-batches of B/k with averaged gradients == one batch of B."""
   # Augmentation randomness is drawn per micro-batch; with every
@@ -221,6 +225,7 @@ def test_accumulation_equals_the_large_batch_under_gn_ws():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('images_per_pass', [8, 12])
 def test_passes_of_fewer_images_give_the_one_pass_step(images_per_pass):
   """training.images_per_pass: the same step as one pass of both views (the
@@ -228,18 +233,17 @@ def test_passes_of_fewer_images_give_the_one_pass_step(images_per_pass):
   last pass (32 images: 12 + 12 + 8)."""
   config = tiny_config('local')
   batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
-  results = []
-  for size in (0, images_per_pass):
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.training.images_per_pass = size
-    c.lock()
-    init, update = jitted(c)
-    state = init(jax.random.PRNGKey(0),
-                 np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
-    for _ in range(2):
-      state, logs = update(state, batch, jax.random.PRNGKey(3))
-    results.append((state, logs))
+  results = [_two_one_pass_steps()]  # shared by both parameters
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  c.training.images_per_pass = images_per_pass
+  c.lock()
+  init, update = jitted(c)
+  state = init(jax.random.PRNGKey(0),
+               np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+  for _ in range(2):
+    state, logs = update(state, batch, jax.random.PRNGKey(3))
+  results.append((state, logs))
   (s0, l0), (s1, l1) = results
   for key in ('loss', 'repr_loss', 'classif_loss', 'proj_std'):
     np.testing.assert_allclose(float(l1[key]), float(l0[key]), rtol=1e-5)
@@ -253,17 +257,14 @@ def test_update_without_augmentations_trains_on_the_views_as_given():
   """make_update_fn(augment=False) (the benchmark's +noaug): the step's loss
   is that of the given views, normalised only; with the augmentations the
   same batch gives another loss."""
-  config = tiny_config('local')
-  forward = model.make_forward(config, 10, axis_name=None)
-  optimizer = update_lib.make_optimizer(config, 20, 0)
-  init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
-  state = init(jax.random.PRNGKey(0),
-               np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+  config, forward, optimizer, state = _one_device()
   batch = fixed_batch(1)
   losses = {}
   for augment in (False, True):
-    update = jax.jit(update_lib.make_update_fn(
-        config, forward, optimizer, 20, 0, axis_name=None, augment=augment))
+    # With the augmentations: the module's shared (guarded) jitted step.
+    update = _guarded_step() if augment else jax.jit(
+        update_lib.make_update_fn(config, forward, optimizer, 20, 0,
+                                  axis_name=None, augment=False))
     _, logs = update(state, jax.tree.map(lambda x: x[0], batch),
                      jax.random.PRNGKey(3))
     losses[augment] = float(logs['repr_loss'])
@@ -287,6 +288,7 @@ def test_images_per_pass_must_not_be_negative():
     experiment.validate_config(config)
 
 
+@pytest.mark.slow
 def test_accumulation_under_batchnorm_runs_with_per_micro_batch_statistics():
   """BN + accumulation: finite, and the BN averages move once per micro-batch
   (each micro-batch is normalised with its own statistics)."""
@@ -310,6 +312,7 @@ def test_accumulation_under_batchnorm_runs_with_per_micro_batch_statistics():
   assert max(moved) > 1e-3
 
 
+@pytest.mark.slow
 def test_bfloat16_steps_track_float32():
   """model.dtype=bfloat16: convolutions and matmuls in bf16; parameters,
   normalization statistics and the loss in f32. Five steps on a fixed batch
@@ -341,3 +344,110 @@ def test_bfloat16_steps_track_float32():
   gap = np.linalg.norm(flat(p16) - flat(p32))
   assert gap <= 0.35 * moved, (gap, moved)
 
+
+
+@functools.lru_cache(maxsize=None)
+def _one_device(variant='local'):
+  """(config, forward, optimizer, initial state) of one device, 20 steps."""
+  config = tiny_config(variant)
+  forward = model.make_forward(config, 10, axis_name=None)
+  optimizer = update_lib.make_optimizer(config, 20, 0)
+  init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
+  state = init(jax.random.PRNGKey(0),
+               np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+  return config, forward, optimizer, state
+
+
+class UpdateStepVariantsTest(chex.TestCase):
+  """The update step under pmap (one device: device index 0, as under jit)
+  gives the jitted step's state and logs (the jitted step, `_guarded_step`,
+  is the reference; a with_jit variant would compile the same program again).
+  The op-by-op (without_jit) form is left out: compiling each primitive of a
+  ResNet's step alone costs ~55 s of CPU; the pieces it is made of (losses,
+  LARS, EMA, schedules, GN/WS, augmentations) each have all three variants,
+  and test_update_without_augmentations_trains_on_the_views_as_given checks
+  the jitted step against `loss_fn` called directly."""
+
+  @chex.variants(with_pmap=True)
+  def test_pmap_form_equals_the_jitted_step(self):
+    config, forward, optimizer, state = _one_device()
+    pmapped = self.variant.type is chex.ChexVariantType.WITH_PMAP
+    fn = update_lib.make_update_fn(
+        config, forward, optimizer, 20, 0,
+        axis_name=devices.AXIS if pmapped else None)
+    step = self.variant(fn, **({'n_devices': 1} if pmapped else {}))
+    batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
+    new, logs = step(state, batch, jax.random.PRNGKey(3))
+    reference, reference_logs = _guarded_step()(state, batch,
+                                                jax.random.PRNGKey(3))
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, reference)
+    chex.assert_trees_all_close(new, reference, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(logs, reference_logs, rtol=1e-5, atol=1e-6)
+    chex.assert_tree_all_finite(logs)
+    assert int(new.step) == 1
+
+
+@functools.lru_cache(maxsize=None)
+def _guarded_step():
+  """The jitted one-device update step, guarded against retracing: every test
+  that calls it (below and above) checks that it compiles once."""
+  config, forward, optimizer, _ = _one_device()
+  return jax.jit(chex.assert_max_traces(update_lib.make_update_fn(
+      config, forward, optimizer, 20, 0, axis_name=None), n=1))
+
+
+def test_update_step_compiles_once_and_a_leaked_python_scalar_retraces():
+  _, _, _, state = _one_device()
+  step = _guarded_step()
+  batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
+  losses = []
+  for i in range(3):  # new values, same shapes and dtypes: no new trace
+    state, logs = step(state, batch, jax.random.PRNGKey(i))
+    losses.append(float(logs['loss']))
+  assert len(set(losses)) == 3 and int(state.step) == 3
+  # A restore that hands back the step as a Python int: a weakly typed scalar
+  # is another abstract value, so the step would compile again.
+  leaked = state._replace(step=int(state.step))
+  with pytest.raises(AssertionError, match='assert_max_traces'):
+    step(leaked, batch, jax.random.PRNGKey(9))
+
+
+def _wrong_layouts():
+  batch = jax.tree.map(lambda x: x[0], fixed_batch(1))  # [accum 1, 16, ...]
+  return {
+      # The micro-batch axis left out: [16, H, W, 3] views, [16] labels.
+      'no_micro_batch_axis': (jax.tree.map(lambda x: x[0], batch), 'rank'),
+      # Labels of 3 examples beside views of 16.
+      'labels_of_other_examples': (dict(batch, labels=batch['labels'][:, :3]),
+                                   'shape_prefix'),
+      # Two micro-batches where the config says one.
+      'other_accumulation': (jax.tree.map(
+          lambda x: x.reshape((2, x.shape[1] // 2) + x.shape[2:]), batch),
+                             'axis_dimension'),
+  }
+
+
+@pytest.mark.parametrize('name', list(_wrong_layouts()))
+def test_a_batch_of_the_wrong_layout_fails_while_tracing(name):
+  config, forward, optimizer, state = _one_device()
+  batch, check = _wrong_layouts()[name]
+  fn = update_lib.make_update_fn(config, forward, optimizer, 20, 0,
+                                 axis_name=None)
+  # Caught while tracing, before anything is compiled.
+  with pytest.raises(AssertionError, match=check):
+    jax.jit(fn).trace(state, batch, jax.random.PRNGKey(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _two_one_pass_steps():
+  """(state, logs) after two steps of key 3 on `fixed_batch(1)` with
+  images_per_pass=0 (one pass of both views); shared by the parameters of
+  test_passes_of_fewer_images_give_the_one_pass_step."""
+  c = tiny_config('local', **{'training.images_per_pass': 0})
+  init, update = jitted(c)
+  state = init(jax.random.PRNGKey(0),
+               np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+  batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
+  for _ in range(2):
+    state, logs = update(state, batch, jax.random.PRNGKey(3))
+  return state, logs

@@ -2,6 +2,7 @@
 
 import itertools
 
+import chex
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ def test_forward_and_gradients_equal_lax_conv(kernel, stride, padding):
   w = jnp.asarray(rng.randn(kernel, kernel, 5, 6), jnp.float32)
   ref_out = _reference(x, w, stride, padding)
   out = fast_conv.conv2d(x, w, stride, padding)
-  np.testing.assert_array_equal(out, ref_out)
+  chex.assert_trees_all_equal(out, ref_out)
   probe = jnp.asarray(rng.randn(*ref_out.shape), jnp.float32)
 
   ref_grads = jax.grad(_loss, (1, 2))(
@@ -54,8 +55,8 @@ def test_forward_and_gradients_equal_lax_conv(kernel, stride, padding):
     assert scale > 0.1, name
     # float32 rounding of sums of a few hundred terms, relative to the
     # largest entry; a wrong tap, stride or padding is off by O(1).
-    np.testing.assert_allclose(got / scale, want / scale, atol=2e-6,
-                               err_msg=name)
+    chex.assert_trees_all_close(got / scale, want / scale, atol=2e-6,
+                                rtol=1e-7, custom_message=name)
 
 
 def test_weight_standardized_gradient_reaches_raw_weight():
@@ -73,11 +74,11 @@ def test_weight_standardized_gradient_reaches_raw_weight():
   got = jax.grad(loss, 1)(lambda x, w: fast_conv.conv2d(x, w, 2, 'SAME'), w)
   scale = float(jnp.max(jnp.abs(want)))
   assert scale > 1e-3
-  np.testing.assert_allclose(got / scale, want / scale, atol=5e-6)
+  chex.assert_trees_all_close(got / scale, want / scale, atol=5e-6, rtol=1e-7)
   # The standardization's gradient is orthogonal to a constant shift of
   # each output's kernel: its sum over (h, w, in) is ~0 for every output.
-  np.testing.assert_allclose(jnp.sum(got, axis=(0, 1, 2)) / scale, 0.,
-                             atol=1e-4)
+  chex.assert_trees_all_close(jnp.sum(got, axis=(0, 1, 2)) / scale, 0.,
+                              atol=1e-4, rtol=1e-7)
 
 
 @pytest.mark.parametrize('kernel,stride', [
@@ -99,7 +100,7 @@ def test_gradients_over_chunks_of_the_batch(kernel, stride):
   got = jax.grad(_loss, 2)(
       lambda x, w: fast_conv.conv2d(x, w, stride, 'SAME'), x, w, probe)
   scale = float(jnp.max(jnp.abs(want)))
-  np.testing.assert_allclose(got / scale, want / scale, atol=2e-6)
+  chex.assert_trees_all_close(got / scale, want / scale, atol=2e-6, rtol=1e-7)
   # One chunk alone is a third of the gradient, far from the sum.
   one = fast_conv.chunked_weight_gradient(
       x[:16], jnp.cos(_reference(x[:16], w, stride, 'SAME')) * probe[:16],
@@ -145,9 +146,8 @@ def test_fast_conv_switch_gives_the_same_network_and_gradients():
   def loss(transformed, p):
     return jnp.sum(jnp.sin(transformed.apply(p, state, None, x)[0]))
 
-  np.testing.assert_allclose(loss(fast, params), loss(plain, params),
-                             rtol=1e-5)
+  chex.assert_trees_all_close(loss(fast, params), loss(plain, params),
+                              rtol=1e-5, atol=0)
   g_plain = jax.grad(lambda p: loss(plain, p))(params)
   g_fast = jax.grad(lambda p: loss(fast, p))(params)
-  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  chex.assert_trees_all_close(g_fast, g_plain, rtol=2e-4, atol=2e-5)

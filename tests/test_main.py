@@ -8,6 +8,9 @@ import pytest
 
 from tiny_runs import assert_user_error
 
+# Each test is a main.py (or python -c) subprocess.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = 'configs/byol.py:local'
 # A tiny, fast local run (a few steps of a narrow net on 16 px crops).

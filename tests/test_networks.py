@@ -6,6 +6,7 @@ traced for shapes (`jax.eval_shape`), never run.
 
 import zlib
 
+import chex
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -637,3 +638,47 @@ def test_batch_norm_head():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+
+
+class NormAndWSVariantsTest(chex.TestCase):
+  """GroupNorm and the WS layers traced (jit, pmap) equal their plain form and
+  a NumPy computation."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_group_norm(self):
+    x = 2. * _normal(0, (2, 3, 3, 8)) + 1.
+    t = hk.without_apply_rng(hk.transform(
+        lambda x: layers.GroupNorm(4, name='gn')(x, True)))
+    params = _randomize(_init(t, x), seed=2)
+    out = self.variant(t.apply)(params, x)
+    chex.assert_shape(out, x.shape)
+    xg = np.asarray(x, np.float64).reshape(2, 3, 3, 4, 2)
+    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+    var = xg.var(axis=(1, 2, 4), keepdims=True)
+    normed = ((xg - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    expected = (normed * np.asarray(params['gn']['scale']) +
+                np.asarray(params['gn']['offset']))
+    chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_ws_conv_and_linear(self):
+    x = _normal(1, (2, 5, 5, 3))
+    t = hk.without_apply_rng(hk.transform(
+        lambda x: layers.WSLinear(4, name='lin')(
+            jnp.mean(layers.WSConv2D(6, 3, name='conv')(x), axis=(1, 2)))))
+    params = _randomize(_init(t, x), seed=3, keys=('w', 'b'))
+    out = self.variant(t.apply)(params, x)
+    chex.assert_shape(out, (2, 4))
+
+    def standardized(w, axis):
+      w = np.asarray(w, np.float64)
+      return (w - w.mean(axis, keepdims=True)) / np.sqrt(
+          w.var(axis, keepdims=True) + 1e-10)
+    conv = jax.lax.conv_general_dilated(
+        np.asarray(x, np.float64),
+        standardized(params['conv']['w'], (0, 1, 2)), (1, 1), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    conv = np.asarray(conv, np.float64)
+    expected = (conv.mean(axis=(1, 2)) @ standardized(params['lin']['w'], (0,))
+                + np.asarray(params['lin']['b'], np.float64))
+    chex.assert_trees_all_close(out, expected, rtol=1e-4, atol=1e-5)

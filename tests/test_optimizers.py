@@ -1,5 +1,6 @@
 """Tests of byol.optimizers: LARS against a NumPy reference, parameter masks."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +89,8 @@ def test_matches_reference_with_changing_learning_rate():
   ours = _run(_lars(), _params(), num_steps)
   reference = _reference_lars(_params(), num_steps)
   for step, (a, b) in enumerate(zip(ours, reference)):
-    assert _max_abs_diff(a, b) < 1e-6, step
+    chex.assert_trees_all_close(a, b, atol=1e-6, rtol=0,
+                                custom_message=f'step {step}')
   # The parameters did move, by amounts far above the tolerance.
   assert _max_abs_diff(ours[-1], _params()) > 0.5
 
@@ -115,7 +117,7 @@ def test_optax_lars_agrees_with_constant_learning_rate():
   theirs = _run(optax.lars(0.5, weight_decay=_WD, weight_decay_mask=mask,
                            trust_coefficient=_ETA, trust_ratio_mask=mask,
                            eps=0., momentum=_MOMENTUM), _params(), 3)
-  assert _max_abs_diff(ours[-1], theirs[-1]) < 1e-6
+  chex.assert_trees_all_close(ours[-1], theirs[-1], atol=1e-6, rtol=0)
 
 
 def test_zero_norm_param_gets_trust_one():
@@ -124,7 +126,8 @@ def test_zero_norm_param_gets_trust_one():
   optimizer = optimizers.lars(0.1, weight_decay=_WD, eta=_ETA)
   updates, _ = optimizer.update(grads, optimizer.init(params), params)
   # Trust 1, no momentum yet: update = -lr * g.
-  np.testing.assert_allclose(updates['linear']['w'], -0.3, rtol=1e-6)
+  chex.assert_trees_all_close(updates['linear']['w'], np.full((2, 2), -0.3),
+                              rtol=1e-6, atol=0)
 
 
 def test_zero_gradient_is_finite():
@@ -132,7 +135,8 @@ def test_zero_gradient_is_finite():
   grads = {'linear': {'w': np.zeros((2, 2), np.float32)}}
   optimizer = optimizers.lars(0.1, weight_decay=0., eta=_ETA)
   updates, _ = optimizer.update(grads, optimizer.init(params), params)
-  np.testing.assert_array_equal(updates['linear']['w'], 0.)
+  chex.assert_trees_all_equal(updates['linear']['w'], np.zeros((2, 2)),
+                              strict=False)
 
 
 def test_schedule_read_from_optimizer_count():
@@ -277,3 +281,51 @@ def test_predictor_lr_multiplier_scales_only_the_predictor():
       assert float(jnp.abs(base[module][name]).max()) > 0
       np.testing.assert_allclose(fast[module][name],
                                  factor * base[module][name], rtol=1e-6)
+
+
+class LarsVariantsTest(chex.TestCase):
+  """LARS (with either mask rule) and the EMA, traced, equal their plain form
+  and the NumPy reference."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_lars_steps_match_the_reference(self):
+    optimizer = _lars()
+    update = self.variant(optimizer.update)
+    params = _params()
+    state = optimizer.init(params)
+    reference = _reference_lars(_params(), 3)
+    for step in range(3):
+      updates, state = update(_grads(step), state, params)
+      params = optax.apply_updates(params, updates)
+      chex.assert_trees_all_close(params, reference[step], atol=1e-6, rtol=0)
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_masks_under_transformations(self):
+    params = _head_params()
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
+    plain = {}
+    for name, mask in (('dm', optimizers.exclude_bias_and_norm),
+                       ('all', optimizers.include_all)):
+      optimizer = optimizers.lars(0.5, weight_decay=0.1, eta=1e-3,
+                                  weight_decay_mask_fn=mask,
+                                  trust_ratio_mask_fn=mask)
+      traced, _ = self.variant(optimizer.update)(
+          grads, optimizer.init(params), params)
+      plain[name], _ = optimizer.update(grads, optimizer.init(params), params)
+      chex.assert_trees_all_close(traced, plain[name], rtol=1e-6, atol=0)
+    # DeepMind's rule leaves the norm scale at -lr * g; the other does not.
+    chex.assert_trees_all_close(plain['dm']['projector/groupnorm']['scale'],
+                                jnp.full((2,), -1.5), rtol=1e-6, atol=0)
+    assert float(jnp.abs(plain['all']['projector/groupnorm']['scale'] -
+                         plain['dm']['projector/groupnorm']['scale']).max()
+                 ) > 1.0
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_ema(self):
+    from byol import update as update_lib  # pylint: disable=g-import-not-at-top
+    target, online = _params(), _grads(0)
+    out = self.variant(update_lib.ema)(target, online, jnp.float32(0.9))
+    expected = jax.tree.map(lambda t, o: 0.9 * np.float64(t) + 0.1 * o,
+                            target, online)
+    chex.assert_trees_all_equal_structs(out, target)
+    chex.assert_trees_all_close(out, expected, atol=1e-6, rtol=0)

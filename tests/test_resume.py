@@ -31,6 +31,9 @@ import pytest
 import tiny_runs
 from tiny_runs import TINY
 
+# main.py runs end to end, sharing the session's reference run (one worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('reference_run')]
+
 
 def _steps(workdir):
   names = os.listdir(workdir / 'checkpoints')

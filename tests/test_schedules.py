@@ -1,5 +1,6 @@
 """Tests of byol.schedules: warmup + cosine learning rate, EMA tau."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,7 @@ def test_optax_schedule_is_jittable_and_equal():
   steps = jnp.arange(0, 111, 5)
   values = jax.jit(jax.vmap(schedule))(steps)
   expected = [schedules.learning_rate(int(s), **_LR) for s in steps]
-  np.testing.assert_allclose(values, expected, atol=1e-6)
+  chex.assert_trees_all_close(values, jnp.stack(expected), atol=1e-6, rtol=0)
   # Monotone up during warmup, monotone down afterwards.
   assert np.all(np.diff(values[:3]) > 0)
   assert np.all(np.diff(values[2:]) <= 0)
@@ -55,3 +56,26 @@ def test_target_ema_values(step, expected):
       atol=1e-7)
 
 
+
+
+class ScheduleVariantsTest(chex.TestCase):
+  """Both schedules traced (jit, pmap) give their plain values."""
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_learning_rate(self):
+    schedule = self.variant(schedules.learning_rate_schedule(**_LR))
+    for step, expected in ((0, 0.), (5, 0.2), (35, 0.2 * (1 + np.cos(np.pi / 4))),
+                           (110, 0.)):
+      value = schedule(jnp.int32(step))
+      chex.assert_shape(value, ())
+      chex.assert_type(value, jnp.float32)
+      chex.assert_trees_all_close(value, expected, atol=1e-6, rtol=0)
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_target_ema(self):
+    tau = self.variant(lambda step: schedules.target_ema(
+        step, base_ema=0.99, total_steps=100))
+    chex.assert_trees_all_close(
+        [tau(jnp.int32(s)) for s in (0, 25, 50, 100)],
+        [0.99, 1 - 0.01 * (np.cos(np.pi / 4) + 1) / 2, 0.995, 1.],
+        atol=1e-7, rtol=0)

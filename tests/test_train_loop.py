@@ -67,6 +67,8 @@ def test_a_broken_config_json_is_refused_before_anything_is_written(tmp_path):
   assert (tmp_path / 'config.json').read_text() == '{broken'
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('reference_run')
 def test_metrics_hold_collapse_diagnostics_and_the_test_accuracy(
     tmp_path_factory):
   """The TINY run logs RankMe and the fixed-batch stds at every step and the
