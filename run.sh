@@ -15,18 +15,25 @@ FMNIST_DIR=${BYOL_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 
 say() { echo "[run.sh] $*" >&2; }
 
+# setup_python [FILE...]: the requirement files to install (default
+# requirements.txt); the stamp holds the hash of all of them, so that a change
+# to any one (or another set of files) installs again.
 setup_python() {
+  local reqs=("$@")
+  [ ${#reqs[@]} -gt 0 ] || reqs=(requirements.txt)
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating $VENV with $($PYTHON --version 2>&1)"
     "$PYTHON" -m venv "$VENV"
   fi
   local stamp="$VENV/.requirements.sha256"
   local want
-  want=$(sha256sum requirements.txt | cut -d' ' -f1)
+  want=$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    say "installing requirements.txt into $VENV (a few minutes the first time)"
+    say "installing ${reqs[*]} into $VENV (a few minutes the first time)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+    local args=()
+    for r in "${reqs[@]}"; do args+=(-r "$r"); done
+    "$VENV/bin/python" -m pip install --quiet "${args[@]}"
     echo "$want" > "$stamp"
   fi
 }
@@ -52,7 +59,7 @@ setup_dataset() {
 }
 
 setup() {
-  setup_python
+  setup_python "$@"
   setup_dataset
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
@@ -70,7 +77,7 @@ case "$verb" in
         --probe "$@"
     ;;
   test)
-    setup
+    setup requirements.txt requirements-test.txt
     say "running the test suite"
     # pytest.ini names tests/ as the test path; arguments narrow it.
     exec "$VENV/bin/python" -m pytest -q "$@"

@@ -9,7 +9,9 @@ starts a JAX backend, so the children may.
 
   python tests/main_cases.py CASES.json RESULTS.json
 
-CASES.json: a list of argument lists (without the program name).
+CASES.json: a list of cases, each an argument list (without the program
+name) or {"args": [...], "full_disk": true}: the latter's writes of
+checkpoint data fail with ENOSPC, as on a full disk.
 RESULTS.json: a list of {"returncode", "stdout", "stderr"}, in order.
 """
 
@@ -30,7 +32,22 @@ from byol import experiment  # pylint: disable=g-import-not-at-top,wrong-import-
 from byol import train_loop  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 
 
-def _child(args, out_path, err_path):
+def _fill_the_disk():
+  """Every checkpoint member written from now on fails as on a full disk."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+
+  def writestr(*args, **kwargs):
+    del args, kwargs
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  zipfile.ZipFile.writestr = writestr
+
+
+def _child(case, out_path, err_path):
+  args = case['args'] if isinstance(case, dict) else case
+  if isinstance(case, dict) and case.get('full_disk'):
+    _fill_the_disk()
   with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
     os.dup2(out.fileno(), 1)
     os.dup2(err.fileno(), 2)
@@ -55,14 +72,14 @@ def main(cases_path, results_path):
     cases = json.load(f)
   results = []
   with tempfile.TemporaryDirectory() as tmp:
-    for i, args in enumerate(cases):
+    for i, case in enumerate(cases):
       out_path = os.path.join(tmp, f'{i}.out')
       err_path = os.path.join(tmp, f'{i}.err')
       sys.stdout.flush()
       sys.stderr.flush()
       pid = os.fork()
       if pid == 0:
-        _child(args, out_path, err_path)
+        _child(case, out_path, err_path)
       _, status = os.waitpid(pid, 0)
       code = (os.WEXITSTATUS(status) if os.WIFEXITED(status)
               else -os.WTERMSIG(status))
