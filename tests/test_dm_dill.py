@@ -200,7 +200,10 @@ def test_dill_is_not_imported_to_read_a_file():
 
 def test_resumed_pretraining_continues_at_the_files_step_with_its_momentum(
     tmp_path, source):
-  config = small_config()
+  # Logged every step; no evaluation or diagnostics (only the steps cost).
+  config = tiny_config('local,bn', **SMALL_OVERRIDES, **{
+      'training.log_every_steps': 1, 'training.eval_every_steps': 0,
+      'training.diagnostics_batch_size': 0})
   workdir = str(tmp_path / 'run')
   step = dm_checkpoint.import_to_workdir(fixture('0.3.2'), config, workdir,
                                          printer=lambda _: None)
@@ -224,7 +227,7 @@ def test_resumed_pretraining_continues_at_the_files_step_with_its_momentum(
   assert summary['step'] == SMALL_STEP + 2
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     steps = [json.loads(l)['step'] for l in f]
-  assert steps[0] == SMALL_STEP + 1
+  assert steps == [SMALL_STEP + 1, SMALL_STEP + 2]
   assert math.isfinite(summary['loss'])
   # The momentum moved on from DeepMind's (it is part of every update).
   final, _ = checkpointing.Checkpointer(
