@@ -174,8 +174,9 @@ def _run(config, workdir):
       fail(str(e), status=1)
     if summary.get('finished_before'):
       print(f'[train] finished already: the checkpoint of step '
-            f'{summary["step"]} is the run\'s last; nothing was changed (raise '
-            'training.max_steps or training.epochs to train on)')
+            f'{summary["step"]} is the run\'s last; nothing was changed (a '
+            'longer run, with another training.max_steps or epochs, is a new '
+            'run: use another --workdir)')
     else:
       print(f'[train] done: step {summary["step"]}, loss '
             f'{summary["loss"]:.4f}, params sha256 '

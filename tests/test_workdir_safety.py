@@ -194,8 +194,8 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path_factory, tmp_path):
   assert lines == [
       '[train] resuming from the checkpoint of step 6',
       "[train] finished already: the checkpoint of step 6 is the run's last; "
-      'nothing was changed (raise training.max_steps or training.epochs to '
-      'train on)'], result.stdout
+      'nothing was changed (a longer run, with another training.max_steps or '
+      'epochs, is a new run: use another --workdir)'], result.stdout
   assert result.stderr == ''
   assert tiny_runs.snapshot(workdir) == before  # sha256, size and mtime
   assert 'loss' in summary and summary['wall_time_sec'] > 0.01
