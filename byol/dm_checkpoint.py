@@ -16,12 +16,16 @@ are Haiku mappings (plain dicts, or Haiku's immutable `frozendict` /
 arrays.
 
 Unpickling runs whatever callables a file names, so a pickle is read here only
-through `SafeUnpickler`, whose `find_class` allows NumPy's array and scalar
-reconstruction, the bytes codec of protocol 2, Haiku's mapping containers and
-DeepMind's state classes (each mapped to a stand-in defined here); any other
-global ends the read with a `DMCheckpointError` before anything is called.
-Our own package is also called `byol`, so DeepMind's module names could not
-be imported anyway.
+through `SafeUnpickler`, whose `find_class` resolves each global to one of
+`ALLOWED_GLOBALS`: stand-ins of ours for NumPy's array and scalar
+reconstruction, the bytes of protocol 2, Haiku's mapping containers,
+DeepMind's state classes and the reconstructors dill writes for them
+(`_create_namedtuple`, `_get_attr`, `_import_module`, `_create_array`). Each
+checks its arguments (an array's declared size against the bytes the file
+holds, a namedtuple's module, name and fields, an attribute's exact module
+and name); any other global ends the read with a `DMCheckpointError` before
+anything is called. dill itself is never imported. Our own package is also
+called `byol`, so DeepMind's module names could not be imported anyway.
 
 `import_to_workdir` matches the file, leaf for leaf, against the training
 state of a pretraining config of this project and writes it as that

@@ -108,8 +108,9 @@ class WorkdirLock:
     self._fd = fd
 
   def release(self) -> None:
-    """Removes the lock file, then drops the lock (while still holding it,
-    so no other process can be waiting on the file being removed)."""
+    """Removes the lock file, then drops the lock. A process that opened
+    the file just before its removal gets the lock on a file no longer at
+    the path, and `acquire` makes it try again on the path's new file."""
     if self._fd is None:
       return
     try:
