@@ -210,7 +210,8 @@ def main(argv):
       raise
     # Every file of the workdir is written next to its name and renamed
     # over it, so what was there before stays whole.
-    fail(f'the disk is full ({e.strerror}{": " + e.filename if e.filename else ""}); '
+    where = f': {e.filename}' if e.filename else ''
+    fail(f'the disk is full ({e.strerror}{where}); '
          'the files written before are kept; free space and rerun the same '
          'command to resume from the last checkpoint')
 

@@ -143,7 +143,8 @@ class _PendingArray(np.ndarray):
       _refuse('an array state that NumPy does not write')
     _, shape, dtype, _, data = state
     if (not isinstance(shape, tuple) or len(shape) > 8
-        or not all(type(d) is int and d >= 0 for d in shape)):  # pylint: disable=unidiomatic-typecheck
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                   for d in shape)):
       _refuse(f'an array of shape {shape!r:.60}')
     dtype = _plain_dtype(dtype)
     if not isinstance(data, bytes):
@@ -209,9 +210,9 @@ def _create_namedtuple(name, fieldnames, modulename, defaults=None):
   and field list."""
   cls = _STATE_CLASSES.get((modulename, name)) if (
       isinstance(modulename, str) and isinstance(name, str)) else None
-  if cls is None or tuple(fieldnames) != cls._fields or defaults:
-    _refuse(f'a namedtuple {modulename!s:.60}.{name!s:.60}'
-            f'{tuple(fieldnames) if isinstance(fieldnames, tuple) else ""!s:.80}')
+  fields = fieldnames if isinstance(fieldnames, tuple) else ()
+  if cls is None or fields != cls._fields or defaults:
+    _refuse(f'a namedtuple {modulename!s:.60}.{name!s:.60}{fields!s:.80}')
   return cls
 
 

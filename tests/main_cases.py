@@ -23,13 +23,15 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-import main as main_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+from absl import app
+import main as main_lib
 # What every run imports anyway; imported once here, before the forks.
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-from byol import dm_checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-from byol import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-from byol import train_loop  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+import jax
+from byol import dm_checkpoint
+from byol import experiment
+from byol import train_loop
+# pylint: enable=g-import-not-at-top,wrong-import-position,unused-import
 
 
 def _fill_the_disk():
@@ -54,7 +56,8 @@ def _child(case, out_path, err_path):
   sys.argv = ['main.py', *args]
   status = 0
   try:
-    app.run(main_lib.main, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
+    parse = main_lib._parse_flags  # pylint: disable=protected-access
+    app.run(main_lib.main, flags_parser=parse)
   except SystemExit as e:
     status = e.code if isinstance(e.code, int) else (0 if e.code is None
                                                      else 1)

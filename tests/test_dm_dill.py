@@ -332,9 +332,10 @@ class _Payload:
     return self.fn, self.args, self.state
 
 
-def _multiarray():
+def _reconstruct():
+  """NumPy's own `_reconstruct` (pickled under its module's name)."""
   from numpy._core import multiarray  # pylint: disable=g-import-not-at-top
-  return multiarray
+  return multiarray._reconstruct  # pylint: disable=protected-access
 
 
 def _dm_pickle(step):
@@ -344,8 +345,8 @@ def _dm_pickle(step):
   mp = pytest.MonkeyPatch()
   try:
     t.deepmind_modules.__wrapped__(mp)
-    state = t._ByolExperimentState({}, {}, {}, {},  # pylint: disable=protected-access
-                                   (t.ScaleByLarsState({}),))
+    state = t._ByolExperimentState(  # pylint: disable=protected-access
+        {}, {}, {}, {}, (t.ScaleByLarsState({}),))
     return pickle.dumps(dict(experiment_state=state, step=step), protocol=2)
   finally:
     mp.undo()
@@ -380,7 +381,7 @@ def _hostile_files():
       'ndarray_2_40_f8': (pickle.dumps(_Payload(np.ndarray, (2**40,), 'f8'),
                                        protocol=2), 'numpy.ndarray'),
       'reconstruct_2_45': (pickle.dumps(_Payload(
-          _multiarray()._reconstruct, np.ndarray, (2**45,), b'b'),  # pylint: disable=protected-access
+          _reconstruct(), np.ndarray, (2**45,), b'b'),
                                         protocol=2), '_reconstruct'),
       'nested_100000': (_nested_dicts(100_000), 'nested more than'),
       'step_x': (_dm_pickle('x'), 'step'),
@@ -389,7 +390,7 @@ def _hostile_files():
       'step_minus_5': (_dm_pickle(-5), 'step'),
       # Sizes declared beyond the data, and types NumPy would build blindly.
       'shape_beyond_data': (pickle.dumps(_Payload(
-          _multiarray()._reconstruct, np.ndarray, (0,), b'b',  # pylint: disable=protected-access
+          _reconstruct(), np.ndarray, (0,), b'b',
           state=big_state), protocol=2), 'holds 16 bytes'),
       'object_array': (pickle.dumps(np.array([1, 'a'], dtype=object),
                                     protocol=2), 'dtype'),
