@@ -52,12 +52,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   The model's own fields (norms, groups, sizes, widths, dtype) are checked by
   the networks' constructors, when `check_model` builds them shape-only.
   """
-  _check_numbers(config)
   if config.method not in ('byol', 'simclr'):
     raise ConfigError(f'method must be byol or simclr, got {config.method!r}')
   if config.model.init not in ('default', 'bn_init'):
     raise ConfigError(f'model.init must be default or bn_init, got '
                       f'{config.model.init!r}')
+  _check_numbers(config)
   t = config.training
   for field in ('batch_size', 'accumulation_steps', 'log_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):
