@@ -10,6 +10,7 @@ Bad input (unknown field, impossible value, missing dataset, unusable
 checkpoint) ends with one `error: ...` line on stderr and exit status 2.
 """
 
+import errno
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from ml_collections import config_flags
 
 # Importing the package first keeps TensorFlow's start-up quiet (see
 # byol/__init__.py), whatever imports TensorFlow later.
+from byol import files
 from byol.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -77,17 +79,61 @@ def _load_config():
   return config
 
 
-def _workdir() -> str:
+def _workdir_path() -> str:
   workdir = _WORKDIR.value
   if not workdir:
     fail('--workdir is required')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    fail(f'cannot create workdir {workdir}: {e.strerror}')
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    fail(f'workdir {workdir} is not writable')
   return workdir
+
+
+class _Workdir:
+  """The workdir, made (if new) and locked for the run that writes it.
+
+  Created only when the run is about to write, after every check that can
+  fail without writing; a workdir this command made is removed again when
+  the command ends with nothing written there (e.g. a refused checkpoint).
+  Only process 0 takes the lock (`files.WorkdirLock`): it is the only
+  writer in a multi-process run.
+  """
+
+  def __init__(self, path: str, lock_name: str = files.LOCK_NAME):
+    self.path = path
+    self._lock = None
+    self._lock_name = lock_name
+    self._created = False
+
+  def __enter__(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    self._created = not os.path.exists(self.path)
+    try:
+      os.makedirs(self.path, exist_ok=True)
+    except OSError as e:
+      raise UserError(f'cannot create workdir {self.path}: '
+                      f'{e.strerror or e}') from None
+    if not os.access(self.path, os.W_OK | os.X_OK):
+      self._remove_if_empty()
+      raise UserError(f'workdir {self.path} is not writable')
+    if jax.process_index() == 0:
+      self._lock = files.WorkdirLock(self.path, self._lock_name)
+      try:
+        self._lock.acquire()
+      except BaseException:
+        self._lock = None
+        self._remove_if_empty()
+        raise
+    return self
+
+  def __exit__(self, *exc_info):
+    if self._lock is not None:
+      self._lock.release()
+    self._remove_if_empty()
+
+  def _remove_if_empty(self):
+    if self._created:
+      try:
+        os.rmdir(self.path)  # fails, as it should, unless it is empty
+      except OSError:
+        pass
 
 
 def _run(config, workdir):
@@ -96,36 +142,59 @@ def _run(config, workdir):
   distributed.initialize(config)
   if _IMPORT_DM.value:
     from byol import dm_checkpoint  # pylint: disable=g-import-not-at-top
-    dm_checkpoint.import_to_workdir(_IMPORT_DM.value, config, workdir)
+    # The file is read and checked before the workdir is made.
+    state, step = dm_checkpoint.read_for_config(_IMPORT_DM.value, config)
+    with _Workdir(workdir):
+      dm_checkpoint.write_to_workdir(state, step, _IMPORT_DM.value, config,
+                                     workdir)
     return
   if config.get('experiment', 'pretrain') == 'linear_eval':
     from byol import eval_experiment  # pylint: disable=g-import-not-at-top
-    summary = eval_experiment.run(config, workdir)
+    if not os.path.isdir(workdir):
+      raise UserError(f'{workdir} is not a pretraining workdir (no such '
+                      'folder); pretrain there first')
+    # Evaluations write in a folder of their own: one lock per folder, so
+    # that an evaluation may read a workdir whose pretraining still runs.
+    name = os.path.basename(eval_experiment.output_dir(config, workdir))
+    with _Workdir(workdir, lock_name=f'.lock-{name}'):
+      summary = eval_experiment.run(config, workdir)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return
   from byol import experiment  # pylint: disable=g-import-not-at-top
   from byol import train_loop  # pylint: disable=g-import-not-at-top
   exp = experiment.PretrainExperiment(config, workdir)
-  try:
-    summary = train_loop.train(exp)
-  except train_loop.Preempted as e:
-    word = 'interrupted' if e.signum == signal.SIGINT else 'preempted'
-    print(f'{word}: {e}', file=sys.stderr)
-    sys.exit(e.exit_status)
-  except train_loop.NonFiniteLossError as e:
-    fail(str(e), status=1)
-  print(f'[train] done: step {summary["step"]}, loss {summary.get("loss", 0):.4f}, '
-        f'params sha256 {summary["online_params_sha256"][:16]}')
-  if _PROBE.value:
-    from byol import eval_experiment  # pylint: disable=g-import-not-at-top
-    eval_experiment.probe_report(exp, workdir)
+  with _Workdir(workdir):
+    try:
+      summary = train_loop.train(exp)
+    except train_loop.Preempted as e:
+      word = 'interrupted' if e.signum == signal.SIGINT else 'preempted'
+      print(f'{word}: {e}', file=sys.stderr)
+      sys.exit(e.exit_status)
+    except train_loop.NonFiniteLossError as e:
+      fail(str(e), status=1)
+    if summary.get('finished_before'):
+      print(f'[train] finished already: the checkpoint of step '
+            f'{summary["step"]} is the run\'s last; nothing was changed (a '
+            'longer run, with another training.max_steps or epochs, is a new '
+            'run: use another --workdir)')
+    else:
+      print(f'[train] done: step {summary["step"]}, loss '
+            f'{summary["loss"]:.4f}, params sha256 '
+            f'{summary["online_params_sha256"][:16]}')
+    if _PROBE.value:
+      from byol import eval_experiment  # pylint: disable=g-import-not-at-top
+      eval_experiment.probe_report(exp, workdir)
+
+
+def _disk_full(e: OSError) -> bool:
+  return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _load_config()
-  workdir = _workdir()
+  workdir = _workdir_path()
   logging.set_verbosity(logging.ERROR)
   try:
     _run(config, workdir)
@@ -136,6 +205,15 @@ def main(argv):
     sys.exit(128 + signal.SIGINT)
   except UserError as e:
     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except OSError as e:
+    if not _disk_full(e):
+      raise
+    # Every file of the workdir is written next to its name and renamed
+    # over it, so what was there before stays whole.
+    where = f': {e.filename}' if e.filename else ''
+    fail(f'the disk is full ({e.strerror}{where}); '
+         'the files written before are kept; free space and rerun the same '
+         'command to resume from the last checkpoint')
 
 
 if __name__ == '__main__':

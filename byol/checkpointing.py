@@ -27,6 +27,7 @@ The leaves are keyed by `jax.tree_util.keystr` of their path, e.g.
 state, optax states) appear as attribute names.
 """
 
+import errno
 import hashlib
 import io
 import json
@@ -44,7 +45,7 @@ from byol.errors import UserError
 _FORMAT = 'byol-gnws-checkpoint/1'
 _INDEX = 'checkpoint.json'
 _NAME = re.compile(r'^ckpt_(\d+)\.npz$')
-_TMP = re.compile(r'^ckpt_\d+\.npz\.tmp-\d+$')
+_TMP = re.compile(r'^ckpt_\d+\.npz\.tmp-(\d+)$')
 # What a user can do about a damaged checkpoint file.
 _REMEDY = 'delete it to fall back on an earlier checkpoint (or a fresh start)'
 
@@ -142,6 +143,9 @@ class Checkpointer:
       names = os.listdir(self._directory)
     except FileNotFoundError:
       return []
+    except NotADirectoryError:
+      raise CheckpointError(f'{self._directory} is a file, not the folder of '
+                            'checkpoints; move it aside') from None
     return sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
 
   def latest_step(self):
@@ -202,9 +206,17 @@ class Checkpointer:
         f.flush()
         os.fsync(f.fileno())
       os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
       if os.path.exists(tmp_path):
         os.remove(tmp_path)
+      if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        last = self.latest_step()
+        kept = (f'the checkpoint of step {last} stays the newest'
+                if last is not None else 'no checkpoint was written')
+        raise CheckpointError(
+            f'the disk is full: no space left to write the checkpoint of step '
+            f'{step} in {self._directory}; {kept}; free space and rerun the '
+            'same command to resume') from None
       raise
     _fsync_directory(self._directory)
 
@@ -215,10 +227,12 @@ class Checkpointer:
     for step in doomed:
       _remove(os.path.join(self._directory, _file_name(step)))
     for name in os.listdir(self._directory):
-      # Left behind by a killed writer (only process 0 writes here, and its
-      # own temporary file has just been renamed, so any other is debris;
-      # the pid may even be ours again, e.g. pid 1 in a restarted container).
-      if _TMP.match(name):
+      # Left behind by a killed writer: ours (the pid may be ours again, e.g.
+      # pid 1 in a restarted container; our own file in flight has just been
+      # renamed) or a process that has ended. A living process's file is
+      # its write in flight, whoever it is.
+      match = _TMP.match(name)
+      if match and not _alive(int(match.group(1))):
         _remove(os.path.join(self._directory, name))
 
   def restore(self, step=None, *, target=None):
@@ -307,6 +321,22 @@ def _check_structure(entries, target, path):
     raise CheckpointError(f'{path} does not match the model: saved leaf '
                           f'{entries[len(target_leaves)]["path"]} is not in '
                           f'the model')
+
+
+def _alive(pid):
+  """Whether another process `pid` runs on this machine (ours counts as not:
+  a file of ours that is not in flight is debris)."""
+  if pid == os.getpid():
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # someone else's process
+  except OverflowError:
+    return False
+  return True
 
 
 def _remove(path):

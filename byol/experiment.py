@@ -12,6 +12,7 @@ that drives it, and everything it writes besides checkpoints, is
 
 import functools
 import hashlib
+import math
 import os
 from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional
 
@@ -56,6 +57,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.init not in ('default', 'bn_init'):
     raise ConfigError(f'model.init must be default or bn_init, got '
                       f'{config.model.init!r}')
+  _check_numbers(config)
   t = config.training
   for field in ('batch_size', 'accumulation_steps', 'log_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):
@@ -79,6 +81,81 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.data.dataset not in dataset_lib.DATASETS:
     raise ConfigError(f'data.dataset={config.data.dataset!r} is not one of '
                       f'{", ".join(dataset_lib.DATASETS)}')
+  steps = num_steps(config)
+  if steps > MAX_STEPS:
+    raise ConfigError(
+        f'training.epochs={t.epochs} / training.max_steps={t.max_steps} make '
+        f'{steps} steps; the step counter holds at most {MAX_STEPS}')
+  check_host_memory(config)
+
+
+# The training state counts steps in an int32.
+MAX_STEPS = 2**31 - 1
+# Fields that must be >= 0 (besides being finite).
+_NON_NEGATIVE = ('training.epochs', 'training.warmup_epochs',
+                 'training.base_lr', 'training.weight_decay',
+                 'training.lars_eta', 'training.predictor_lr_multiplier',
+                 'model.bn_eps', 'model.gn_eps', 'model.ws_eps',
+                 'model.bn_init_batch_size')
+
+
+def _flat_numbers(tree, prefix=''):
+  for key, value in tree.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      yield from _flat_numbers(value, f'{prefix}{key}.')
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      yield f'{prefix}{key}', value
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Every number of the config finite; the ones that are amounts >= 0.
+
+  NaN passes every comparison-based check (`nan <= 0` is False), so a NaN
+  epoch count would otherwise reach the schedules; infinities overflow the
+  step counts.
+  """
+  values = dict(_flat_numbers(config))
+  for name, value in values.items():
+    if not math.isfinite(value):
+      raise ConfigError(f'{name} must be a finite number, got {value}')
+  for name in _NON_NEGATIVE:
+    if name in values and values[name] < 0:
+      raise ConfigError(f'{name} must be >= 0, got {values[name]}')
+  if not 0.0 <= config.training.momentum < 1.0:
+    raise ConfigError(f'training.momentum must be in [0, 1), got '
+                      f'{config.training.momentum}')
+  if config.data.image_size > 4096:
+    raise ConfigError(f'data.image_size={config.data.image_size} is more than '
+                      '4096 pixels a side')
+
+
+def host_memory_bytes() -> int:
+  """This machine's physical memory (0 where unknown)."""
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return 0
+
+
+def check_host_memory(config: ml_collections.ConfigDict) -> None:
+  """Refuses a batch whose images alone would not fit in this host's memory.
+
+  Each process holds its share of the global batch as two float32 views of
+  H x W x 3 (and the input pipeline and prefetch keep about as much again);
+  asking for more than the machine has ends in an allocation failure deep
+  in NumPy or TensorFlow, after the workdir was made.
+  """
+  s = config.data.image_size
+  processes = max(1, config.distributed.num_processes)
+  per_process = -(-config.training.batch_size // processes)
+  need = 2 * 2 * per_process * s * s * 3 * 4
+  have = host_memory_bytes()
+  if have and need > have:
+    raise ConfigError(
+        f'training.batch_size={config.training.batch_size} needs about '
+        f'{need / 2**30:.1f} GiB of host memory per process for the images of '
+        f'one step ({processes} process(es), {s}x{s} px); this machine has '
+        f'{have / 2**30:.1f} GiB: use a smaller batch or more processes')
 
 
 def per_device_batch(config: ml_collections.ConfigDict,

@@ -53,3 +53,76 @@ def read_json(path: str, remedy: str) -> Any:
   except json.JSONDecodeError as e:
     raise UserError(f'{path} is not valid JSON ({e.msg} at line {e.lineno}, '
                     f'column {e.colno}); {remedy}') from None
+
+
+LOCK_NAME = '.lock'
+
+
+class WorkdirLock:
+  """One writer per workdir: an exclusive `flock` on `<workdir>/.lock`.
+
+  The lock file holds the pid of the process that owns the workdir. The
+  kernel drops a `flock` when its process ends however it ends (SIGKILL
+  included), so a lock file left by a dead process never blocks a new run;
+  there is no staleness to guess. The file is removed on release, so a run
+  leaves no trace of its lock.
+
+  Removing a lock file races with a process that opened it just before the
+  removal and then locks the orphaned inode while a third creates a new file;
+  `acquire` therefore checks, once it holds the lock, that the file it holds
+  is still the one at the path, and tries again otherwise.
+
+  Usage:
+    with WorkdirLock(workdir):
+      ...  # the only process writing to workdir
+  """
+
+  def __init__(self, workdir: str, name: str = LOCK_NAME):
+    self.path = os.path.join(workdir, name)
+    self._fd = None
+
+  def acquire(self) -> None:
+    """Takes the lock, or raises `UserError` naming the process holding it."""
+    import fcntl  # pylint: disable=g-import-not-at-top
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.read(fd, 32).decode('ascii', 'replace').strip()
+        os.close(fd)
+        who = f'process {holder}' if holder.isdigit() else 'another process'
+        raise UserError(
+            f'{os.path.dirname(self.path) or "."} is in use by {who} (a run '
+            'still writing there); wait for it to end or use another '
+            '--workdir') from None
+      try:
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)  # released and removed under us: lock the new file
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{os.getpid()}\n'.encode('ascii'))
+    self._fd = fd
+
+  def release(self) -> None:
+    """Removes the lock file, then drops the lock. A process that opened
+    the file just before its removal gets the lock on a file no longer at
+    the path, and `acquire` makes it try again on the path's new file."""
+    if self._fd is None:
+      return
+    try:
+      os.remove(self.path)
+    except FileNotFoundError:
+      pass
+    os.close(self._fd)
+    self._fd = None
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc_info):
+    self.release()

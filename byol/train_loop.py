@@ -265,6 +265,8 @@ def train(exp) -> Dict[str, Any]:
   check_workdir(exp.workdir, exp.config,
                 exp.checkpointer.latest_step() is not None)
   start = exp.restore_or_init()
+  if start >= exp.total_steps:
+    return finished_summary(exp, start)
   inputs = iter(())
   if start < exp.total_steps:
     # The first batch is read before anything is written, so that a missing
@@ -286,6 +288,49 @@ def train(exp) -> Dict[str, Any]:
   if exp.is_chief:
     files.write_json(os.path.join(exp.workdir, 'summary.json'), summary)
   return summary
+
+
+def finished_summary(exp, step: int) -> Dict[str, Any]:
+  """The summary of a run whose last checkpoint is its last step.
+
+  Nothing in the workdir changes: the summary.json of the run that finished
+  stays as it was (rewriting it here would replace its final losses with
+  nothing). Only where that run was stopped between its last checkpoint and
+  its summary is one written, from the checkpoint and the log's record of
+  that step.
+
+  Returns:
+    The summary, with `finished_before=True`.
+  """
+  path = os.path.join(exp.workdir, 'summary.json')
+  try:
+    summary = files.read_json(path, 'delete it to have it written again from '
+                                    'the last checkpoint')
+  except FileNotFoundError:
+    summary = None
+  if not isinstance(summary, dict) or summary.get('step') != step:
+    summary = dict(exp.summary(), total_steps=exp.total_steps)
+    record = _metrics_record(os.path.join(exp.workdir, 'metrics.jsonl'), step)
+    summary.update({k: v for k, v in record.items() if k != 'step'})
+    if exp.is_chief:
+      files.write_json(path, summary)
+  return dict(summary, finished_before=True)
+
+
+def _metrics_record(path: str, step: int) -> Dict[str, Any]:
+  """metrics.jsonl's record of `step` ({} when there is none)."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(record, dict) and record.get('step') == step:
+          return record
+  except (OSError, UnicodeDecodeError):
+    pass
+  return {}
 
 
 def _stop_signal(signals: StopSignals, step: int) -> Optional[int]:

@@ -399,3 +399,28 @@ def test_linear_eval_steps_compile_once_over_batches():
     # width 1/8 of a basic-block ResNet: 512 / 8 = 64 features.
     chex.assert_shape(features, (4, 64))
     chex.assert_tree_all_finite(features)
+
+
+def test_probe_loss_gradient_has_nothing_for_xla_to_fold():
+  # XLA constant-folds a scatter whose operands are all constants, slowly,
+  # and says so in error-level log lines on a loaded machine; the gradient
+  # of a gather-based cross-entropy is such a scatter (N x 1). The probe's
+  # loss has the same value and a gradient without one.
+  import chex  # pylint: disable=g-import-not-at-top
+  from byol.evaluation import probe  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  xs = jnp.asarray(rng.randn(600, 5), jnp.float32)
+  labels = jnp.asarray(rng.randint(0, 3, 600), jnp.int32)
+  params = {'w': jnp.asarray(rng.randn(5, 3), jnp.float32),
+            'b': jnp.asarray(rng.randn(3), jnp.float32)}
+
+  def loss(params, xs, labels):
+    return probe.probe_objective(params, xs=xs, l2=1e-4,
+                                 one_hot=labels[:, None] == jnp.arange(3))
+
+  grad_fn = jax.jit(jax.value_and_grad(loss))
+  assert 'scatter' not in grad_fn.lower(params, xs, labels).as_text()
+  want = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      xs @ params['w'] + params['b'], labels)) + 0.5e-4 * jnp.sum(
+          params['w'] ** 2)
+  chex.assert_trees_all_close(grad_fn(params, xs, labels)[0], want, rtol=1e-6)

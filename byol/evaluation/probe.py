@@ -12,6 +12,7 @@ The cached features are held in host memory and read from this process's
 shard only: the protocol is meant for single-process runs.
 """
 
+import functools
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -23,6 +24,17 @@ import optax
 from byol import dataset as dataset_lib
 from byol import inference
 from byol.evaluation.features import EmbedFn
+
+
+def probe_objective(params, *, xs, one_hot, l2):
+  """Mean cross-entropy of `xs @ w + b` + l2/2 * ||w||^2, the probe's loss.
+
+  `one_hot`: [N, classes] booleans, True at each example's label.
+  """
+  logits = xs @ params['w'] + params['b']
+  label_logit = jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1)
+  ce = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - label_logit)
+  return ce + 0.5 * l2 * jnp.sum(params['w'] ** 2)
 
 
 def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
@@ -54,16 +66,20 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
   labels = jnp.asarray(y, jnp.int32)
   opt = optax.lbfgs()
 
-  # The data are arguments, not constants closed over: XLA would fold the
-  # cross-entropy's gradient (a scatter-add at the constant labels) at
-  # compile time, slowly, and print a warning about it.
+  # Nothing here may be a large constant that XLA folds at compile time:
+  # folding is slow, and on a loaded machine XLA reports it with error-level
+  # `slow_operation_alarm` lines in the middle of a run's output. So the data
+  # are arguments, not closed over; and the cross-entropy picks the label's
+  # logit with a one-hot mask rather than a gather (optax's
+  # softmax_cross_entropy_with_integer_labels), whose gradient is a
+  # scatter-add of the mean's constant cotangent at a constant index: an
+  # f32[N, 1] scatter XLA folds. The mask gives the same values (one
+  # non-zero term per row) and a gradient without any scatter.
   @jax.jit
   def fit(params, xs, labels):
-    def objective(params):
-      logits = xs @ params['w'] + params['b']
-      ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                                    labels))
-      return ce + 0.5 * l2 * jnp.sum(params['w'] ** 2)
+    one_hot = labels[:, None] == jnp.arange(num_classes)
+    objective = functools.partial(probe_objective, xs=xs, one_hot=one_hot,
+                                  l2=l2)
 
     value_and_grad = optax.value_and_grad_from_state(objective)
 
