@@ -529,7 +529,9 @@ def write_plot(path: str, results: Dict[str, dict], baseline: dict,
 
   cmap = plt.get_cmap('tab20')
   for i, n in enumerate(names):
-    color = cmap(i % 20)
+    # The strong shades of tab20 first, then the light ones: neighbours
+    # in the legend never share a hue.
+    color = cmap((2 * i) % 20 + (i // 10) % 2)
     collapsed = any(r['collapsed'] for r in grouped[n])
     style = '--' if collapsed else '-'
     for j, r in enumerate(grouped[n]):
