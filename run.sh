@@ -16,19 +16,25 @@ FMNIST_DIR=${BYOL_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 say() { echo "[run.sh] $*" >&2; }
 
 setup_python() {
+  # Each requirements file named is installed when its content changed since
+  # the last install (one sha256 stamp per file): requirements.txt always,
+  # requirements-test.txt for the tests.
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating $VENV with $($PYTHON --version 2>&1)"
     "$PYTHON" -m venv "$VENV"
   fi
-  local stamp="$VENV/.requirements.sha256"
-  local want
-  want=$(sha256sum requirements.txt | cut -d' ' -f1)
-  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    say "installing requirements.txt into $VENV (a few minutes the first time)"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -r requirements.txt
-    echo "$want" > "$stamp"
-  fi
+  local file stamp want
+  for file in requirements.txt "$@"; do
+    stamp="$VENV/.${file%.txt}.sha256"
+    want=$(sha256sum "$file" | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+      say "installing $file into $VENV (a few minutes the first time)"
+      "$VENV/bin/python" -m pip install --quiet --upgrade pip
+      # -c: a test dependency may not move a pinned runtime one.
+      "$VENV/bin/python" -m pip install --quiet -r "$file" -c requirements.txt
+      echo "$want" > "$stamp"
+    fi
+  done
 }
 
 setup_dataset() {
@@ -52,7 +58,7 @@ setup_dataset() {
 }
 
 setup() {
-  setup_python
+  setup_python "$@"
   setup_dataset
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
@@ -70,7 +76,7 @@ case "$verb" in
         --probe "$@"
     ;;
   test)
-    setup
+    setup requirements-test.txt
     say "running the test suite"
     # pytest.ini names tests/ as the test path; arguments narrow it.
     exec "$VENV/bin/python" -m pytest -q "$@"

@@ -77,6 +77,13 @@ def save(config: ml_collections.ConfigDict, params: hk.Params,
   @tf.function(autograph=False, input_signature=[
       tf.TensorSpec([None, None, None, 3], tf.float32, name='images')])
   def serve(images):
+    # A clear message instead of XLA's shape-refinement failure.
+    checks = [tf.debugging.assert_equal(
+        tf.shape(images)[axis] % stride, 0,
+        message=f'image {side} must be a multiple of {stride}')
+              for axis, side in ((1, 'height'), (2, 'width'))]
+    with tf.control_dependencies(checks):
+      images = tf.identity(images)
     return converted(module.params, module.state, images)
 
   module.serve = serve
