@@ -15,28 +15,26 @@ FMNIST_DIR=${BYOL_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 
 say() { echo "[run.sh] $*" >&2; }
 
-# setup_python [FILE...]: installs requirements.txt and the given extra files
-# (the test verb adds requirements-test.txt) unless the stamp holds the
-# checksum of each: editing any of them reinstalls.
 setup_python() {
+  # Each requirements file named is installed when its content changed since
+  # the last install (one sha256 stamp per file): requirements.txt always,
+  # requirements-test.txt for the tests.
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating $VENV with $($PYTHON --version 2>&1)"
     "$PYTHON" -m venv "$VENV"
   fi
-  local files=(requirements.txt "$@")
-  local stamp="$VENV/.requirements.sha256"
-  local sums f missing=0
-  sums=$(sha256sum "${files[@]}")
-  while read -r line; do
-    if [ ! -f "$stamp" ] || ! grep -qxF "$line" "$stamp"; then missing=1; fi
-  done <<< "$sums"
-  [ "$missing" = 0 ] && return
-  say "installing ${files[*]} into $VENV (a few minutes the first time)"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  local args=()
-  for f in "${files[@]}"; do args+=(-r "$f"); done
-  "$VENV/bin/python" -m pip install --quiet "${args[@]}"
-  echo "$sums" > "$stamp"
+  local file stamp want
+  for file in requirements.txt "$@"; do
+    stamp="$VENV/.${file%.txt}.sha256"
+    want=$(sha256sum "$file" | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+      say "installing $file into $VENV (a few minutes the first time)"
+      "$VENV/bin/python" -m pip install --quiet --upgrade pip
+      # -c: a test dependency may not move a pinned runtime one.
+      "$VENV/bin/python" -m pip install --quiet -r "$file" -c requirements.txt
+      echo "$want" > "$stamp"
+    fi
+  done
 }
 
 setup_dataset() {
