@@ -156,4 +156,4 @@ def test_bad_cluster_config_is_one_error_line(tmp_path_factory, tmp_path,
   result = tiny_runs.run(tmp_path_factory, tiny_runs.TINY + args,
                          tmp_path / 'w', timeout=120)
   tiny_runs.assert_user_error(result, *fragments)
-  assert not os.listdir(tmp_path / 'w')
+  assert not (tmp_path / 'w').exists()  # no workdir left behind
