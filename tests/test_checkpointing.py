@@ -5,6 +5,7 @@ import os
 from typing import NamedTuple
 import zipfile
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,8 +42,7 @@ def _state(seed=0, hidden=8):
 
 
 def _assert_trees_identical(a, b):
-  assert (jax.tree_util.tree_structure(a) ==
-          jax.tree_util.tree_structure(b))
+  chex.assert_trees_all_equal_structs(a, b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     assert np.asarray(x).dtype == np.asarray(y).dtype
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

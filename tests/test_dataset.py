@@ -5,6 +5,7 @@ import hashlib
 import math
 import os
 
+import chex
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -324,8 +325,7 @@ def test_fashion_mnist_is_deterministic_given_the_seed():
                                     seed=seed, deterministic=True), 3)
   a, b, c = run(0), run(0), run(1)
   for x, y in zip(a, b):
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
+    chex.assert_trees_all_equal(x, y)
   assert not np.array_equal(a[0]['labels'], c[0]['labels'])
   assert not np.array_equal(a[0]['view1'], c[0]['view1'])
 
@@ -339,8 +339,7 @@ def test_fashion_mnist_start_step_equals_skipping_batches():
   resumed = _take(_fashion(Split.TRAIN, Mode.PRETRAIN, [256], start_step=3,
                            **kwargs), 4)
   for x, y in zip(fresh[3:], resumed):
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
+    chex.assert_trees_all_equal(x, y)
   # The epoch boundary is a reshuffle: labels of epoch 0 and 1 differ in order.
   epoch0 = np.concatenate([b['labels'] for b in fresh])[:1000]
   epoch1 = np.concatenate([b['labels'] for b in fresh])[1000:1792]
@@ -392,8 +391,7 @@ def test_mock_imagenet_start_step_equals_skipping_batches():
     fresh = _take(dataset.load(Split.TRAIN, **kwargs), 6)
     resumed = _take(dataset.load(Split.TRAIN, start_step=3, **kwargs), 3)
   for x, y in zip(fresh[3:], resumed):
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
+    chex.assert_trees_all_equal(x, y)
 
 
 def test_mock_without_a_context_mocks_itself():

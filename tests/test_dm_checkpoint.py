@@ -7,6 +7,8 @@ import sys
 import types
 from typing import Any, NamedTuple
 
+import chex
+
 import haiku as hk
 from haiku._src import data_structures
 import jax
@@ -182,7 +184,7 @@ def test_small_resnet_imports_evaluates_and_resumes(imported, small_config):
   got = np.asarray(embed(restored.online_params, restored.online_state,
                          images))
   assert np.abs(want).max() > 1e-3
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
   # DeepMind's evaluation protocol runs on the workdir.
   c = eval_config.get_config('dm,local')
@@ -261,7 +263,7 @@ def test_resnet50_with_deepmind_head_names_loads(tmp_path, deepmind_modules):
   want = np.asarray(embed(state.online_params, state.online_state, images))
   got = np.asarray(embed(loaded.online_params, loaded.online_state, images))
   assert want.shape == (2, 512) and np.abs(want).max() > 1e-3
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
