@@ -280,7 +280,7 @@ def check_command(line: str) -> List[str]:
 def check_segment(tokens: List[str]) -> List[str]:
   """Problems of the one program call in `tokens`, if there is one."""
   for i, token in enumerate(tokens):
-    if token in ('./run.sh', 'run.sh'):
+    if token == './run.sh':
       return check_run_sh(tokens[i + 1:])
     if is_python(token) and i + 1 < len(tokens):
       rest = tokens[i + 1:]
