@@ -24,6 +24,9 @@ from ml_collections import config_flags
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# config_flags loads each config file with importlib's load_module.
+pytestmark = pytest.mark.filterwarnings(
+    'ignore:the load_module:DeprecationWarning')
 
 # Fenced blocks in these languages hold shell commands; others (python, ...)
 # are checked elsewhere (tests/test_export.py runs the export snippets).
