@@ -201,8 +201,9 @@ class LinearEvaluator:
     self.momentum = momentum
     self.train_split = train_split
     self.head_init = head_init
-    self.num_train = dataset_lib.num_examples(train_split, data.dataset,
-                                              data.data_dir)
+    self.num_train = (len(data.subset) if data.subset is not None else
+                      dataset_lib.num_examples(train_split, data.dataset,
+                                               data.data_dir))
     self.steps = loop.num_steps(epochs, max_steps, self.num_train, batch_size)
     self.log_every_steps = log_every_steps
     self.seed = seed
