@@ -234,16 +234,20 @@ def run(root: str, record: str, *, epochs: float, smoke: bool,
     plan.append((row, source, protocol, 'all', 1.0, 'transfer'))
   plan = [p for p in plan if wanted(p[0])]
   needs = {p[1] for p in plan}
-  if {'byol', 'init'} & needs:
+  # Only what the chosen rows read is trained or written.
+  if 'byol' in needs:
     pretrain(base, dirs['byol'], printer)
+  if 'init' in needs:
     write_initial(base, dirs['init'])
   if {'folder_byol', 'folder_init'} & needs:
     folder_config = pretrain_config(f'folder:{folders["unlabelled"]}',
                                     epochs, smoke)
     dirs['folder_byol'] = os.path.join(root, 'folder_byol')
     dirs['folder_init'] = os.path.join(root, 'folder_init')
-    pretrain(folder_config, dirs['folder_byol'], printer)
-    write_initial(folder_config, dirs['folder_init'])
+    if 'folder_byol' in needs:
+      pretrain(folder_config, dirs['folder_byol'], printer)
+    if 'folder_init' in needs:
+      write_initial(folder_config, dirs['folder_init'])
   for row, source, protocol, fname, fraction, kind in plan:
     workdir = dirs[source]
     output = f'study_{row}'

@@ -66,6 +66,8 @@ def test_bad_data_is_one_error_line_and_nothing_lost(tmp_path, case):
                      '--config.training.max_steps=2'], workdir)
   assert_user_error(result, fragment)
   assert _listing(workdir) == before
+  if case in ('no_images', 'not_tfds_image'):
+    return  # (the other cases check a new workdir too)
   # And a workdir that did not exist is not left behind.
   result = run_main([*TINY, f'--config.data.dataset={name}', *extra,
                      '--config.training.max_steps=2'], tmp_path / 'new')
