@@ -33,7 +33,7 @@ from byol.data.splits import DatasetError, Split
 
 BUILTIN = ('fashion_mnist', 'imagenet2012', 'mock')
 PREFIXES = ('tfds:', 'tfds_dir:', 'folder:')
-SYNTAX = ('fashion_mnist, imagenet2012, mock, tfds:NAME[/CONFIG], '
+SYNTAX = ('imagenet2012, fashion_mnist, mock, tfds:NAME[/CONFIG], '
           'tfds_dir:PATH or folder:PATH')
 MANIFEST_NAME = 'dataset.json'
 STATS_EXAMPLES = 1000
