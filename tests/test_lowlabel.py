@@ -69,6 +69,7 @@ def _eval_config(arg, **fields):
   return c
 
 
+@pytest.mark.slow
 def test_lowlabel_chooses_on_valid_and_lists_its_images(folder_run):
   name, workdir = folder_run
   config = _eval_config('local,10pct', **{
