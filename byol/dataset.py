@@ -2,9 +2,11 @@
 
 The public entry of the input side; its parts are in `byol/data/`: `splits`
 (datasets, splits, shards, seeds), `crops` (crop windows, crop and resize),
-`fashion_mnist` and `imagenet` (each dataset's files and tf.data stream).
+`registry` (the one place that resolves a dataset name), one module per
+source (`fashion_mnist`, `imagenet`, `tfds_source`, `folder`) and `encoded`
+(the stream every source of encoded images shares).
 
-Three datasets share one interface, `load(split, preprocess_mode=..., ...)`,
+Every dataset has one interface, `load(split, preprocess_mode=..., ...)`,
 which yields dicts of numpy arrays shaped `batch_dims + [...]`:
 
   imagenet2012   through tfds; the user places the ILSVRC2012 archives in tfds'
@@ -14,6 +16,10 @@ which yields dicts of numpy arrays shaped `batch_dims + [...]`:
                  else Debian's `/usr/share/datasets/fashion-mnist/`; failing
                  that, tfds' own copy (downloaded only when no folder was
                  named).
+  tfds:NAME[/CONFIG], tfds_dir:PATH, folder:PATH
+                 any tfds image-classification dataset, a prepared tfds
+                 folder, a folder of image files; their split rules are in
+                 `byol/data/tfds_source.py` and `byol/data/folder.py`.
   mock           the imagenet2012 code path fed by `tfds.testing.mock_data`:
                  the same builder, decoders and JPEG crops run on random JPEGs.
                  Inside a caller's `tfds.testing.mock_data(...)` context the
@@ -48,8 +54,10 @@ import numpy as np
 
 from byol.data import fashion_mnist
 from byol.data import imagenet
+from byol.data import registry
 # The public names of the input side, for `dataset.X` callers.
 from byol.data.crops import centre_crop_box  # pylint: disable=unused-import
+from byol.data.registry import write_manifest  # pylint: disable=unused-import
 from byol.data.splits import (DATASETS, DatasetError, DatasetNotFoundError,  # pylint: disable=unused-import
                               PreprocessMode, Split, as_split, check_dataset,
                               num_classes, num_examples, tf)
@@ -67,22 +75,41 @@ FASHION_MNIST_MEAN = (0.2860406,) * 3
 FASHION_MNIST_STD = (0.3530242,) * 3
 
 
-def normalization_stats(dataset: str) -> Tuple[np.ndarray, np.ndarray]:
-  """Per-channel (mean, std) float32 arrays of shape [3]."""
-  if check_dataset(dataset) == 'fashion_mnist':
+def normalization_stats(dataset: str,
+                        data_dir: Optional[str] = None
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-channel (mean, std) float32 arrays of shape [3].
+
+  ImageNet's for imagenet2012 and mock, Fashion-MNIST's own for
+  fashion_mnist; for a `tfds:`, `tfds_dir:` or `folder:` source, those of a
+  fixed sample of its training split, computed once per process (see
+  `byol/data/registry.py`; `data_dir`: the tfds data dir of a `tfds:` one).
+  """
+  dataset = check_dataset(dataset)
+  if dataset == 'fashion_mnist':
     mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
-  else:
+  elif dataset in ('imagenet2012', 'mock'):
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+  else:
+    _hide_accelerators_from_tf()
+    return registry.resolve(dataset, data_dir or None).stats
   return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
-def normalize(images, dataset: str):
+def has_labels(dataset: str, data_dir: Optional[str] = None) -> bool:
+  """False for an unlabelled source (a flat `folder:`), which only pretrains."""
+  if check_dataset(dataset) in registry.BUILTIN:
+    return True
+  return registry.resolve(dataset, data_dir or None).labelled
+
+
+def normalize(images, dataset: str, data_dir: Optional[str] = None):
   """(images - mean) / std over the last (channel) axis.
 
   Works on numpy arrays and on jax arrays inside jit/pmap alike: the
   statistics are numpy constants, so the result has the type of `images`.
   """
-  mean, std = normalization_stats(dataset)
+  mean, std = normalization_stats(dataset, data_dir)
   return (images - mean) / std
 
 
@@ -105,7 +132,8 @@ def load(split: Union[Split, str], *,
          deterministic: bool = False,
          process_index: Optional[int] = None,
          process_count: Optional[int] = None,
-         start_step: int = 0) -> Iterator[Batch]:
+         start_step: int = 0,
+         subset: Optional[Sequence[int]] = None) -> Iterator[Batch]:
   """Yields batches of this process's shard of `split`.
 
   Args:
@@ -118,15 +146,19 @@ def load(split: Union[Split, str], *,
       with mask 0 (and zero images).
     batch_dims: leading dimensions of every array, e.g. [local_devices,
       per_device_batch]; their product is this process's batch.
-    dataset: 'imagenet2012', 'fashion_mnist' or 'mock'.
+    dataset: 'imagenet2012', 'fashion_mnist', 'mock', or a source of the
+      registry: 'tfds:NAME[/CONFIG]', 'tfds_dir:PATH', 'folder:PATH'.
     image_size: side of the square output images.
-    data_dir: tfds data dir (imagenet2012); for fashion_mnist the folder with
-      the idx .gz files (read offline; also tried as a tfds data dir).
+    data_dir: tfds data dir (imagenet2012, tfds:); for fashion_mnist the
+      folder with the idx .gz files (read offline; also tried as a tfds data
+      dir); unused by tfds_dir: and folder: (their path is in the name).
     seed: seed of every random choice.
     deterministic: identical batches on every load with the same arguments.
     process_index: this process (default `jax.process_index()`).
     process_count: number of processes (default `jax.process_count()`).
     start_step: start where a fresh stream would be after this many batches.
+    subset: positions in `split` of the only examples to read (a low-label
+      subset), sorted and distinct; None reads the whole split.
 
   Returns:
     An iterator of dicts of numpy arrays: images float32 in [0, 1] of shape
@@ -144,17 +176,36 @@ def load(split: Union[Split, str], *,
       process_count)
   data_dir = data_dir or None
   _hide_accelerators_from_tf()
+  if subset is not None:
+    subset = _check_subset(subset, split, dataset, data_dir)
   if dataset == 'fashion_mnist':
     ds = fashion_mnist.make_dataset(
         split, preprocess_mode, batch_size, image_size, data_dir, seed,
-        process_index, process_count, start_step)
-  else:
+        process_index, process_count, start_step, subset)
+  elif dataset in ('imagenet2012', 'mock'):
     ds = imagenet.make_dataset(
         dataset, split, preprocess_mode, batch_size, image_size, data_dir,
-        seed, deterministic, process_index, process_count, start_step)
+        seed, deterministic, process_index, process_count, start_step, subset)
+  else:
+    ds = registry.resolve(dataset, data_dir).make_dataset(
+        split, preprocess_mode, batch_size, image_size, seed, deterministic,
+        process_index, process_count, start_step, subset)
   return _finish(ds, batch_dims, deterministic=(
       # Evaluation keeps its order (the padding comes last) at little cost.
       deterministic or preprocess_mode == PreprocessMode.EVAL))
+
+
+def _check_subset(subset, split, dataset, data_dir) -> np.ndarray:
+  """`subset` as sorted int64 positions within `split`; `DatasetError` when
+  it is empty, repeats a position or leaves the split."""
+  subset = np.asarray(subset, np.int64).reshape(-1)
+  count = num_examples(split, dataset, data_dir)
+  if (subset.size == 0 or np.any(np.diff(subset) <= 0) or subset[0] < 0 or
+      subset[-1] >= count):
+    raise DatasetError(f'a subset must hold distinct, sorted positions in '
+                       f'[0, {count}) of {split.name}; got {subset.size} '
+                       'positions')
+  return subset
 
 
 def _check_load_args(preprocess_mode, batch_dims: Sequence[int],

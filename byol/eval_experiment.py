@@ -26,6 +26,7 @@ from byol.evaluation import features as features_lib
 from byol.evaluation import finetune as finetune_lib
 from byol.evaluation import linear as linear_lib
 from byol.evaluation import loop
+from byol.evaluation import lowlabel as lowlabel_lib
 from byol.evaluation import probe as probe_lib
 from byol.evaluation import sources
 # Re-exported: the public pieces of the protocols.
@@ -37,7 +38,7 @@ from byol.evaluation.probe import (feature_probe, fit_logistic_regression,  # py
                                    knn_predict, topk_accuracy)
 from byol.evaluation.sources import EvalError, load_pretrained  # pylint: disable=unused-import
 
-MODES = ('linear', 'finetune', 'fast')
+MODES = ('linear', 'finetune', 'fast', 'lowlabel')
 
 
 def output_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -72,7 +73,7 @@ class _MetricsFile:
 
 def make_evaluator(config: ml_collections.ConfigDict,
                    pretrain_config: ml_collections.ConfigDict, *,
-                   printer=print, metrics=None):
+                   printer=print, metrics=None, out_dir=None):
   """The evaluator of `config.mode` for the network of `pretrain_config`."""
   embed = features_lib.make_embed_fn(pretrain_config)
   if config.mode == 'fast':
@@ -84,6 +85,10 @@ def make_evaluator(config: ml_collections.ConfigDict,
         knn_temperature=config.knn.temperature,
         batch_size=config.eval_batch_size,
         max_train_examples=config.fast.max_train_examples, printer=printer)
+  if config.mode == 'lowlabel':
+    return lowlabel_lib.LowLabelEvaluator.from_config(
+        config, pretrain_config, printer=printer, metrics=metrics,
+        output_dir=out_dir)
   if config.mode == 'finetune':
     return finetune_lib.FineTuneEvaluator.from_config(
         config, pretrain_config, printer=printer, metrics=metrics)
@@ -111,7 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   metrics = _MetricsFile(os.path.join(out_dir, 'metrics.jsonl'), chief)
   # Built before anything is written: a bad setting leaves the workdir as is.
   evaluator = make_evaluator(config, pretrain_config, printer=printer,
-                             metrics=metrics)
+                             metrics=metrics, out_dir=out_dir)
   if chief:
     os.makedirs(out_dir, exist_ok=True)
     files.write_text(os.path.join(out_dir, 'config.json'),

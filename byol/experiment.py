@@ -78,9 +78,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= t.tau_base <= 1.0:
     raise ConfigError(f'training.tau_base must be in [0, 1], got '
                       f'{t.tau_base}')
-  if config.data.dataset not in dataset_lib.DATASETS:
-    raise ConfigError(f'data.dataset={config.data.dataset!r} is not one of '
-                      f'{", ".join(dataset_lib.DATASETS)}')
+  try:
+    dataset_lib.check_dataset(config.data.dataset)
+  except dataset_lib.DatasetError as e:
+    raise ConfigError(f'data.dataset: {e}') from None
   steps = num_steps(config)
   if steps > MAX_STEPS:
     raise ConfigError(
@@ -174,14 +175,16 @@ def num_steps(config: ml_collections.ConfigDict) -> int:
   if config.training.max_steps > 0:
     return int(config.training.max_steps)
   examples = dataset_lib.num_examples(dataset_lib.Split.TRAIN_AND_VALID,
-                                      config.data.dataset)
+                                      config.data.dataset,
+                                      config.data.data_dir or None)
   return max(1, int(config.training.epochs * examples
                     // config.training.batch_size))
 
 
 def warmup_steps(config: ml_collections.ConfigDict) -> int:
   examples = dataset_lib.num_examples(dataset_lib.Split.TRAIN_AND_VALID,
-                                      config.data.dataset)
+                                      config.data.dataset,
+                                      config.data.data_dir or None)
   return int(config.training.warmup_epochs * examples
              // config.training.batch_size)
 
@@ -215,7 +218,8 @@ def augmented_batch(config: ml_collections.ConfigDict, batch_size: int, *,
   views = jax.jit(lambda b, r: augmentations.postprocess(
       b, r, c.data.augmentations))(batch, rng)
   return np.asarray(dataset_lib.normalize(views['view1'],
-                                          dataset=c.data.dataset))
+                                          dataset=c.data.dataset,
+                                          data_dir=c.data.data_dir or None))
 
 
 def make_init_fn(config: ml_collections.ConfigDict,
@@ -227,7 +231,8 @@ def make_init_fn(config: ml_collections.ConfigDict,
   batch (the same on every device, so that replicas agree); otherwise only
   its shape matters.
   """
-  num_classes = dataset_lib.num_classes(config.data.dataset)
+  num_classes = dataset_lib.num_classes(config.data.dataset,
+                                        config.data.data_dir or None)
 
   def init_network(rng, images):
     if config.model.init == 'bn_init':
@@ -255,7 +260,8 @@ def make_init_fn(config: ml_collections.ConfigDict,
 
 def state_template(config: ml_collections.ConfigDict) -> TrainState:
   """Host-side zeros shaped like the training state, for restoring."""
-  num_classes = dataset_lib.num_classes(config.data.dataset)
+  num_classes = dataset_lib.num_classes(config.data.dataset,
+                                        config.data.data_dir or None)
   forward = model.make_forward(config, num_classes, axis_name=None)
   # The optimizer's state has the same structure whatever the schedule.
   init = make_init_fn(config, forward, update_lib.make_optimizer(config, 1, 0))
@@ -300,7 +306,8 @@ class PretrainExperiment:
     self.accum = config.training.accumulation_steps
     self.total_steps = num_steps(config)
     self.warmup = warmup_steps(config)
-    self.num_classes = dataset_lib.num_classes(config.data.dataset)
+    self.num_classes = dataset_lib.num_classes(config.data.dataset,
+                                        config.data.data_dir or None)
     self.forward = model.make_forward(config, self.num_classes, devices.AXIS)
     self.optimizer = update_lib.make_optimizer(config, self.total_steps,
                                                self.warmup)
@@ -393,10 +400,13 @@ class PretrainExperiment:
     stop_gradient(embedding) reads the online network in inference mode.
     """
     c = self.config
+    if not dataset_lib.has_labels(c.data.dataset, c.data.data_dir or None):
+      return {}  # an unlabelled folder has no TEST split
     if self._classify is None:
       forward = model.make_forward(c, self.num_classes, axis_name=None)
       normalize = functools.partial(dataset_lib.normalize,
-                                    dataset=c.data.dataset)
+                                    dataset=c.data.dataset,
+                                    data_dir=c.data.data_dir or None)
       self._classify = lambda p, s, x: forward.apply(
           p, s, None, normalize(x), False)[0]['logits']
     params, state = devices.unreplicate(
@@ -438,7 +448,8 @@ class PretrainExperiment:
           image_size=c.data.image_size, data_dir=c.data.data_dir or None,
           process_index=0, process_count=1))
       self._fixed_batch = jax.device_put(
-          dataset_lib.normalize(batch['images'], dataset=c.data.dataset),
+          dataset_lib.normalize(batch['images'], dataset=c.data.dataset,
+                                data_dir=c.data.data_dir or None),
           devices.local_mesh_sharding())
       self._diagnose = jax.pmap(
           diagnostics.make_diagnostics_fn(self.forward, devices.AXIS),

@@ -23,6 +23,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from byol import dataset as dataset_lib
 from byol import devices
 from byol import files
 from byol.errors import ConfigError, UserError
@@ -279,6 +280,9 @@ def train(exp) -> Dict[str, Any]:
   if exp.is_chief:
     files.write_text(os.path.join(exp.workdir, 'config.json'),
                      exp.config.to_json_best_effort(indent=2, sort_keys=True))
+    # A tfds:/tfds_dir:/folder: source: its files, splits and statistics.
+    dataset_lib.write_manifest(exp.config.data.dataset,
+                               exp.config.data.data_dir, exp.workdir)
   writer = MetricsWriter(exp.workdir, enabled=exp.is_chief, keep=keep)
   try:
     with StopSignals(install=jax.process_count() == 1) as signals:

@@ -225,7 +225,8 @@ def make_update_fn(config: ml_collections.ConfigDict,
   t = config.training
   if normalize is None:
     normalize = functools.partial(dataset_lib.normalize,
-                                  dataset=config.data.dataset)
+                                  dataset=config.data.dataset,
+                                  data_dir=config.data.data_dir or None)
   grad_fn = jax.grad(functools.partial(loss_fn, forward=forward,
                                        config=config, axis_name=axis_name),
                      has_aux=True)

@@ -28,7 +28,22 @@ protocols `metrics.jsonl`). Variants (comma-separated):
              on the cached features; also reports kNN (cosine, k=200,
              votes weighted by exp(similarity / 0.07)). Its numbers are not
              comparable with the SGD protocols'. -> eval_fast/
-  local      the CPU scale: 10 epochs, batch 512 (for Fashion-MNIST runs).
+  1pct, 10pct
+             low-label fine-tuning (BYOL's Table 2): the whole network
+             fine-tuned on 1% / 10% of the TRAIN labels (ImageNet: tfds'
+             fixed imagenet2012_subset lists; otherwise a seeded,
+             class-balanced subset, listed in subset.json), SGD Nesterov
+             0.9, no weight decay, batch 1024, base rate x epochs from
+             {0.01, 0.02, 0.05, 0.1, 0.005} x {30, 50} chosen on VALID,
+             TEST reported. -> eval_lowlabel_1pct/ (eval_lowlabel_10pct/);
+             lowlabel.fraction=1 is transfer fine-tuning with selection.
+  local      the CPU scale: 10 epochs, batch 512 (for Fashion-MNIST runs);
+             with 1pct/10pct: batch 256, epochs {30, 50} kept.
+
+Transfer: pretrain on one dataset, evaluate on another with
+--config.data.dataset=NAME (any name of docs/data.md: fashion_mnist,
+tfds:NAME, tfds_dir:PATH, folder:PATH); the network keeps its own input
+normalisation, the images are the new dataset's.
   select     accepted for old command lines: selection on VALID is the
              default.
 
@@ -38,6 +53,11 @@ Commands:
   python main.py --config=configs/eval.py:dm --workdir=/ckpt/byol_gnws
   python main.py --config=configs/eval.py:finetune --workdir=/ckpt/byol_gnws
   python main.py --config=configs/eval.py:local,fast --workdir=workdirs/local
+  python main.py --config=configs/eval.py:1pct --workdir=/ckpt/byol_gnws
+  python main.py --config=configs/eval.py:local,10pct --workdir=workdirs/local
+  # Transfer: the same encoder, linear evaluation on a folder of images.
+  python main.py --config=configs/eval.py:local \
+      --config.data.dataset=folder:/data/flowers --workdir=workdirs/local
   # DeepMind's released ResNet-50: import it, then evaluate it like a run.
   python main.py --config=configs/byol.py:bn --workdir=/ckpt/dm_res50 \\
       --import_dm=pretrain_res50x1.pkl
@@ -46,7 +66,7 @@ Commands:
 
 import ml_collections
 
-VARIANTS = ('dm', 'finetune', 'fast', 'local', 'select')
+VARIANTS = ('dm', 'finetune', 'fast', 'local', 'select', '1pct', '10pct')
 
 
 def get_config(arg=None):
@@ -59,7 +79,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.experiment = 'linear_eval'
   c.seed = 0
-  c.mode = 'linear'  # linear | finetune | fast
+  c.mode = 'linear'  # linear | finetune | fast | lowlabel
   c.output_name = 'eval_linear'  # the results folder inside the workdir
   c.checkpoint_step = -1  # -1: the latest checkpoint of the workdir
   c.encoder = 'online'  # online | target
@@ -87,6 +107,12 @@ def get_config(arg=None):
   c.knn.k = 200
   c.knn.temperature = 0.07
   c.eval_batch_size = 1000
+  # Low-label fine-tuning (mode=lowlabel; byol/evaluation/lowlabel.py).
+  c.lowlabel = ml_collections.ConfigDict()
+  c.lowlabel.fraction = 0.01  # of the TRAIN labels; 1: all (transfer)
+  c.lowlabel.subset_seed = 0  # which images, where the subset is drawn
+  c.lowlabel.lr_grid = (0.01, 0.02, 0.05, 0.1, 0.005)
+  c.lowlabel.epochs_grid = (30, 50)
   if 'dm' in variants or 'finetune' in variants:
     c.output_name = 'eval_linear_dm'
     c.training.batch_size = 4096  # DeepMind's main_loop --batch_size
@@ -100,9 +126,18 @@ def get_config(arg=None):
   if 'fast' in variants:
     c.mode = 'fast'
     c.output_name = 'eval_fast'
+  if '1pct' in variants or '10pct' in variants:
+    c.mode = 'lowlabel'
+    c.lowlabel.fraction = 0.1 if '10pct' in variants else 0.01
+    c.output_name = 'eval_lowlabel_' + ('10pct' if '10pct' in variants
+                                        else '1pct')
+    c.training.lr_grid = ()
+    c.training.train_split = 'TRAIN'
   if 'local' in variants:
     c.training.batch_size = 512
     c.training.epochs = 10
     c.training.log_every_steps = 50
+    if c.mode == 'lowlabel':
+      c.training.batch_size = 256
   c.lock()
   return c

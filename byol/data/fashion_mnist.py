@@ -87,7 +87,7 @@ def _source_arrays(data_dir: Optional[str]) -> Mapping[str, np.ndarray]:
 
 
 def make_dataset(split, mode, batch_size, image_size, data_dir, seed,
-                 process_index, process_count, start_step):
+                 process_index, process_count, start_step, subset=None):
   """This process's shard of `split` as a tf.data stream of unshaped batches.
 
   Arguments as `byol.dataset.load`'s, resolved (`split` a `Split`,
@@ -95,9 +95,18 @@ def make_dataset(split, mode, batch_size, image_size, data_dir, seed,
   """
   arrays = _source_arrays(data_dir)
   part, start, count = splits.FASHION_MNIST_SPLITS[split]
-  begin, end = splits.shard_range(start, count, process_index, process_count)
-  images = tf.constant(arrays[f'{part}_images'][begin:end])
-  labels = tf.constant(arrays[f'{part}_labels'][begin:end])
+  if subset is None:
+    begin, end = splits.shard_range(start, count, process_index,
+                                    process_count)
+    rows = slice(begin, end)
+  else:
+    # A low-label subset (positions in the split): the processes share its
+    # examples as they share a whole split.
+    count = len(subset)
+    begin, end = splits.shard_range(0, count, process_index, process_count)
+    rows = start + np.asarray(subset[begin:end], np.int64)
+  images = tf.constant(arrays[f'{part}_images'][rows])
+  labels = tf.constant(arrays[f'{part}_labels'][rows])
   n = end - begin
   source = int(images.shape[1])
 

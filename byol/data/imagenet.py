@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 
-from byol.data import crops
+from byol.data import encoded
 from byol.data import splits
 from byol.data.splits import tf, tfds
 
@@ -84,65 +84,26 @@ def _tfds_split(dataset, split, data_dir, process_index, process_count,
 
 def make_dataset(dataset, split, mode, batch_size, image_size, data_dir,
                  seed, deterministic, process_index, process_count,
-                 start_step):
+                 start_step, subset=None):
   """This process's shard of `split` as a tf.data stream of unshaped batches.
 
   Arguments as `byol.dataset.load`'s, resolved (`split` a `Split`,
   `batch_size` the process batch); `load` shapes and finishes the stream.
   """
+  if subset is not None:
+    # A low-label subset: this process's part of the chosen examples, read by
+    # position from the whole shard.
+    count = splits.IMAGENET_SPLITS[split][2]
+    begin, end = splits.shard_range(0, count, process_index, process_count)
+    local = subset[(subset >= begin) & (subset < end)] - begin
   ds, n, max_shard = _tfds_split(dataset, split, data_dir, process_index,
                                  process_count, deterministic, seed)
+  if subset is not None:
+    ds = encoded.keep_positions(ds, local)
+    n = max_shard = len(local)
   if n <= 0:
     raise splits.DatasetError(f'process {process_index} of {process_count} '
                               f'has no examples of {split.name}')
   ds = ds.map(lambda ex: (ex['image'], tf.cast(ex['label'], tf.int32)))
-
-  if mode == splits.PreprocessMode.EVAL:
-    ds = ds.map(lambda jpeg, label: {
-        'images': crops.centre_crop(jpeg, image_size), 'labels': label,
-        'mask': tf.constant(1., tf.float32)},
-                num_parallel_calls=tf.data.AUTOTUNE)
-    pad = splits.eval_padded_size(max_shard, batch_size) - n
-    blank = {'images': tf.zeros([image_size, image_size, 3], tf.float32),
-             'labels': tf.constant(0, tf.int32),
-             'mask': tf.constant(0., tf.float32)}
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
-    return ds.batch(batch_size, drop_remainder=True).skip(start_step)
-
-  # Shuffle buffer: what DeepMind's BYOL used (10 batches), within bounds that
-  # keep the undecoded JPEGs (~110 kB each) in a few GB of host memory.
-  buffer = int(min(max(10 * batch_size, 1_000), 20_000, n))
-  shuffle_key = splits.seed_base(seed, process_index, splits.SALT_SHUFFLE)
-
-  def epoch(epoch_index):
-    return ds.shuffle(buffer, seed=shuffle_key * 1_000_003 + epoch_index,
-                      reshuffle_each_iteration=False)
-
-  start_pos = start_step * batch_size
-  stream = tf.data.Dataset.range(start_pos // n, splits.INT64_MAX)
-  stream = stream.flat_map(epoch).skip(start_pos % n)
-  stream = tf.data.Dataset.zip(
-      stream, tf.data.Dataset.range(start_pos, splits.INT64_MAX))
-
-  def key(position, salt):
-    return splits.stateless_seed(seed, process_index, salt, position)
-
-  def pretrain(example, position):
-    jpeg, label = example
-    crop = lambda salt: crops.random_crop(jpeg, key(position, salt),
-                                          image_size)
-    return {'view1': crop(splits.SALT_VIEW1), 'view2': crop(splits.SALT_VIEW2),
-            'labels': label}
-
-  def linear_train(example, position):
-    jpeg, label = example
-    image = crops.random_crop(jpeg, key(position, splits.SALT_LINEAR),
-                              image_size)
-    flip = tf.random.stateless_uniform(
-        [], seed=key(position, splits.SALT_LINEAR + 1)) < 0.5
-    image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
-    return {'images': image, 'labels': label}
-
-  fn = pretrain if mode == splits.PreprocessMode.PRETRAIN else linear_train
-  stream = stream.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
-  return stream.batch(batch_size, drop_remainder=True)
+  return encoded.make_stream(ds, n, max_shard, mode, batch_size, image_size,
+                             seed, process_index, start_step)

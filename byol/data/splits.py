@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import importlib
 import types
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
@@ -38,6 +38,8 @@ class _LazyModule(types.ModuleType):
 tf = _LazyModule('tensorflow')
 tfds = _LazyModule('tensorflow_datasets')
 
+# The built-in names; `check_dataset` also accepts the prefixed sources of
+# `byol/data/registry.py`.
 DATASETS = ('imagenet2012', 'fashion_mnist', 'mock')
 
 # Number of examples per split when `load` mocks tfds itself (dataset='mock'
@@ -93,11 +95,10 @@ FASHION_MNIST_SPLITS = {
 
 
 def check_dataset(dataset: str) -> str:
-  """`dataset` if it is one of `DATASETS`; `DatasetError` otherwise."""
-  if dataset not in DATASETS:
-    raise DatasetError(f'unknown dataset {dataset!r}; choose from '
-                       f'{", ".join(DATASETS)}')
-  return dataset
+  """`dataset` if it names a dataset (`DATASETS`, or a `tfds:`, `tfds_dir:`
+  or `folder:` source); `DatasetError` otherwise."""
+  from byol.data import registry  # pylint: disable=g-import-not-at-top
+  return registry.check_name(dataset)
 
 
 def as_split(split: Union[Split, str]) -> Split:
@@ -106,23 +107,37 @@ def as_split(split: Union[Split, str]) -> Split:
 
 
 def num_examples(split: Union[Split, str],
-                 dataset: str = 'imagenet2012') -> int:
+                 dataset: str = 'imagenet2012',
+                 data_dir: Optional[str] = None) -> int:
   """The number of examples of `split` (over all processes).
 
   For 'mock' this is MOCK_NUM_EXAMPLES, what `load` mocks when no caller's
-  `tfds.testing.mock_data` context is active.
+  `tfds.testing.mock_data` context is active. For a `tfds:`, `tfds_dir:` or
+  `folder:` source its registry entry counts them (`data_dir`: the tfds
+  data dir of a `tfds:` source).
   """
   split = as_split(split)
-  if check_dataset(dataset) == 'fashion_mnist':
+  dataset = check_dataset(dataset)
+  if dataset == 'fashion_mnist':
     return FASHION_MNIST_SPLITS[split][2]
   if dataset == 'mock':
     return MOCK_NUM_EXAMPLES
-  return IMAGENET_SPLITS[split][2]
+  if dataset == 'imagenet2012':
+    return IMAGENET_SPLITS[split][2]
+  from byol.data import registry  # pylint: disable=g-import-not-at-top
+  return registry.resolve(dataset, data_dir or None).num_examples(split)
 
 
-def num_classes(dataset: str = 'imagenet2012') -> int:
-  """The number of label classes of `dataset`."""
-  return 10 if check_dataset(dataset) == 'fashion_mnist' else 1000
+def num_classes(dataset: str = 'imagenet2012',
+                data_dir: Optional[str] = None) -> int:
+  """The number of label classes of `dataset` (1 for an unlabelled folder)."""
+  dataset = check_dataset(dataset)
+  if dataset == 'fashion_mnist':
+    return 10
+  if dataset in ('imagenet2012', 'mock'):
+    return 1000
+  from byol.data import registry  # pylint: disable=g-import-not-at-top
+  return registry.resolve(dataset, data_dir or None).num_classes()
 
 
 def shard_range(start: int, count: int, process_index: int,

@@ -33,11 +33,14 @@ def make_encoder_apply(pretrain_config: ml_collections.ConfigDict,
   training mode BatchNorm uses batch statistics (over `axis_name` when
   given) and the returned state carries its updated moving averages.
   """
-  num_classes = dataset_lib.num_classes(pretrain_config.data.dataset)
+  data = pretrain_config.data
+  num_classes = dataset_lib.num_classes(data.dataset, data.data_dir or None)
   forward = model.make_forward(pretrain_config, num_classes,
                                         axis_name=axis_name)
-  normalize = functools.partial(dataset_lib.normalize,
-                                dataset=pretrain_config.data.dataset)
+  # The network's own input normalisation: its pretraining data's, also when
+  # it is evaluated on another dataset (transfer).
+  normalize = functools.partial(dataset_lib.normalize, dataset=data.dataset,
+                                data_dir=data.data_dir or None)
 
   def apply(params, state, images, is_training):
     out, state = forward.apply(params, state, None, normalize(images),
@@ -85,7 +88,8 @@ def calibrate_batchnorm(config: ml_collections.ConfigDict, params: hk.Params,
     return state
   c = config
   forward = model.make_forward(
-      c, dataset_lib.num_classes(c.data.dataset), axis_name=None)
+      c, dataset_lib.num_classes(c.data.dataset, c.data.data_dir or None),
+      axis_name=None)
   it = dataset_lib.load(
       dataset_lib.Split.TRAIN_AND_VALID,
       preprocess_mode=dataset_lib.PreprocessMode.PRETRAIN,
@@ -97,7 +101,8 @@ def calibrate_batchnorm(config: ml_collections.ConfigDict, params: hk.Params,
   def update(state, batch, rng):
     views = augmentations.postprocess(batch, rng, c.data.augmentations)
     for view in ('view1', 'view2'):
-      images = dataset_lib.normalize(views[view], dataset=c.data.dataset)
+      images = dataset_lib.normalize(views[view], dataset=c.data.dataset,
+                                     data_dir=c.data.data_dir or None)
       _, state = forward.apply(params, state, None, images, True)
     return state
 

@@ -105,27 +105,36 @@ class FineTuneEvaluator:
                train_split: dataset_lib.Split, head_init: str,
                log_every_steps: int, seed: int,
                printer: loop.Printer = print,
-               metrics: Optional[loop.MetricsFn] = None):
+               metrics: Optional[loop.MetricsFn] = None,
+               train_data: Optional[loop.DataSpec] = None):
     if base_lr <= 0:
       raise ConfigError(f'training.base_lr must be positive, got {base_lr}')
     loop.per_device_batch(batch_size)
     init_head(head_init, 1, 1)  # an unknown kind is a ConfigError now
     self.apply_train = make_encoder_apply(pretrain_config, devices.AXIS)
     self.apply_eval = make_encoder_apply(pretrain_config, None)
-    self.num_classes = dataset_lib.num_classes(data.dataset)
+    self.num_classes = dataset_lib.num_classes(data.dataset, data.data_dir)
     self.data = data
+    # What it trains on: `data` (or a subset of it), or another dataset of
+    # the same classes (ImageNet's fixed 1% / 10% subsets).
+    self.train_data = train_data or data
     self.batch_size = batch_size
     self.base_lr = base_lr
     self.lr = base_lr * batch_size / 256
     self.momentum = momentum
     self.train_split = train_split
     self.head_init = head_init
-    self.num_train = dataset_lib.num_examples(train_split, data.dataset)
+    t = self.train_data
+    self.num_train = (len(t.subset) if t.subset is not None else
+                      dataset_lib.num_examples(train_split, t.dataset,
+                                               t.data_dir))
     self.steps = loop.num_steps(epochs, max_steps, self.num_train, batch_size)
     self.log_every_steps = log_every_steps
     self.seed = seed
     self.print = printer
     self.metrics = metrics
+    # VALID accuracy too when training on another dataset's split.
+    self.report_valid = train_data is not None
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -177,8 +186,8 @@ class FineTuneEvaluator:
     self.print(f'[finetune] {self.steps} steps of {self.batch_size} images on '
                f'{self.train_split.name}, lr {self.lr:g}, head init '
                f'{self.head_init}')
-    inputs = loop.train_input(self.data, self.train_split, self.batch_size,
-                              self.seed)
+    inputs = loop.train_input(self.train_data, self.train_split,
+                              self.batch_size, self.seed)
     carry = loop.run_steps(
         step_fn, carry, inputs, steps=self.steps, batch_size=self.batch_size,
         log_every=self.log_every_steps, tag='finetune', printer=self.print,
@@ -197,7 +206,7 @@ class FineTuneEvaluator:
               'base_learning_rate': self.base_lr, 'protocol': self.protocol,
               'encoder_relative_change': _relative_change(encoder,
                                                           new_encoder)}
-    if self.train_split == dataset_lib.Split.TRAIN:
+    if self.train_split == dataset_lib.Split.TRAIN or self.report_valid:
       valid1, _, n_valid = accuracy(dataset_lib.Split.VALID)
       result.update(valid_top1_accuracy=float(valid1),
                     num_valid_examples=n_valid)

@@ -201,7 +201,9 @@ class LinearEvaluator:
     self.momentum = momentum
     self.train_split = train_split
     self.head_init = head_init
-    self.num_train = dataset_lib.num_examples(train_split, data.dataset)
+    self.num_train = (len(data.subset) if data.subset is not None else
+                      dataset_lib.num_examples(train_split, data.dataset,
+                                               data.data_dir))
     self.steps = loop.num_steps(epochs, max_steps, self.num_train, batch_size)
     self.log_every_steps = log_every_steps
     self.seed = seed
@@ -216,7 +218,9 @@ class LinearEvaluator:
     t = config.training
     data = loop.resolve_data(config, pretrain_config)
     return cls(
-        embed, num_classes=dataset_lib.num_classes(data.dataset), data=data,
+        embed, num_classes=dataset_lib.num_classes(data.dataset,
+                                                   data.data_dir),
+        data=data,
         batch_size=t.batch_size, epochs=t.epochs, max_steps=t.max_steps,
         base_lrs=tuple(t.lr_grid) or (t.base_lr,), momentum=t.momentum,
         train_split=train_split_of(t.train_split), head_init=t.head_init,

@@ -22,19 +22,34 @@ MetricsFn = Callable[[Dict[str, Any]], None]
 
 
 class DataSpec(NamedTuple):
-  """Which images an evaluation reads."""
+  """Which images an evaluation reads.
+
+  `subset`: positions in the training split of the only examples to train
+  on (a low-label subset, `byol/evaluation/lowlabel.py`); None: all of them.
+  """
   dataset: str
   image_size: int
   data_dir: Optional[str]
+  subset: Optional[Tuple[int, ...]] = None
 
 
 def resolve_data(config: ml_collections.ConfigDict,
                  pretrain_config: ml_collections.ConfigDict) -> DataSpec:
-  """The evaluation's data: its own fields, else the pretraining run's."""
+  """The evaluation's data: its own fields, else the pretraining run's.
+
+  Another dataset than the pretraining run's (transfer) does not inherit
+  that run's data_dir. Raises `DatasetError` for a dataset without labels.
+  """
   dataset = config.data.dataset or pretrain_config.data.dataset
   image_size = (config.data.image_size if config.data.image_size > 0 else
                 pretrain_config.data.image_size)
-  data_dir = config.data.data_dir or pretrain_config.data.data_dir or None
+  data_dir = config.data.data_dir or None
+  if dataset == pretrain_config.data.dataset:
+    data_dir = data_dir or pretrain_config.data.data_dir or None
+  if not dataset_lib.has_labels(dataset, data_dir):
+    raise dataset_lib.DatasetError(
+        f'{dataset} is unlabelled: evaluation needs labels (one subfolder '
+        'per class); evaluate on another dataset with --config.data.dataset')
   return DataSpec(dataset, image_size, data_dir)
 
 
@@ -61,7 +76,8 @@ def train_input(data: DataSpec, split, batch_size: int,
       split, preprocess_mode=dataset_lib.PreprocessMode.LINEAR_TRAIN,
       batch_dims=[jax.local_device_count(), per_device_batch(batch_size)],
       dataset=data.dataset, image_size=data.image_size,
-      data_dir=data.data_dir, seed=seed, deterministic=True)
+      data_dir=data.data_dir, seed=seed, deterministic=True,
+      subset=data.subset)
 
 
 def run_steps(step_fn: Callable[[Any, Dict[str, np.ndarray]],

@@ -185,7 +185,7 @@ def feature_probe(embed: EmbedFn, params, state, *, dataset: str,
       embed, params, state, split=dataset_lib.Split.TEST,
       max_examples=max_test_examples, **kw)
   t1 = time.time()
-  num_classes = dataset_lib.num_classes(dataset)
+  num_classes = dataset_lib.num_classes(dataset, data_dir)
   predict = fit_logistic_regression(train_x, train_y, num_classes, l2=l2,
                                     iterations=iterations)
   logits = predict(test_x)

@@ -41,7 +41,8 @@ def read_pretrain_config(workdir: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(raw)
   try:
     experiment_lib.validate_config(config)
-    model.check_model(config, dataset_lib.num_classes(config.data.dataset))
+    model.check_model(config, dataset_lib.num_classes(
+        config.data.dataset, config.data.data_dir or None))
   # A field missing (AttributeError, KeyError) or of the wrong type
   # (TypeError), or one the network's constructors refuse (ValueError).
   except (AttributeError, KeyError, TypeError, ValueError) as e:

@@ -1,0 +1,106 @@
+"""main.py on a folder of images: pretraining, evaluation, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import data_fixtures
+from tiny_runs import assert_user_error
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    '--config=configs/byol.py:local',
+    '--config.model.encoder.width_multiplier=0.125',
+    '--config.model.encoder.num_groups=4',
+    '--config.model.projector.hidden_size=32',
+    '--config.model.projector.output_size=16',
+    '--config.model.projector.num_groups=4',
+    '--config.model.predictor.hidden_size=32',
+    '--config.model.predictor.output_size=16',
+    '--config.model.predictor.num_groups=4',
+    '--config.data.image_size=16',
+    '--config.training.batch_size=8',
+    '--config.training.diagnostics_batch_size=8',
+]
+
+
+def run_main(args, workdir, timeout=400):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run(
+      [sys.executable, 'main.py', f'--workdir={workdir}', *args], cwd=ROOT,
+      capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _listing(path):
+  return {os.path.relpath(os.path.join(d, f), path): os.path.getmtime(
+      os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs}
+
+
+@pytest.mark.parametrize('case', ['unknown_prefix', 'one_class', 'no_images',
+                                  'not_tfds_image'])
+def test_bad_data_is_one_error_line_and_nothing_lost(tmp_path, case):
+  images = tmp_path / 'images'
+  images.mkdir()
+  extra = []
+  if case == 'unknown_prefix':
+    name, fragment = 'hub:flowers', 'unknown dataset'
+  elif case == 'one_class':
+    data_fixtures.write_image_folder(str(images), classes=('cat',))
+    name, fragment = f'folder:{images}', 'needs two or more'
+  elif case == 'no_images':
+    (images / 'readme.txt').write_text('no images here')
+    name, fragment = f'folder:{images}', 'no readable images'
+  else:
+    data_fixtures.prepare_tiny_tfds(tmp_path / 'tfds', image=False)
+    name, fragment = 'tfds:byol_tiny_tensors', 'not an image-classification'
+    extra = [f'--config.data.data_dir={tmp_path / "tfds"}']
+  # A workdir with a file in it: it must stay as it was.
+  workdir = tmp_path / 'work'
+  workdir.mkdir()
+  (workdir / 'keep.txt').write_text('mine')
+  before = _listing(workdir)
+  result = run_main([*TINY, f'--config.data.dataset={name}', *extra,
+                     '--config.training.max_steps=2'], workdir)
+  assert_user_error(result, fragment)
+  assert _listing(workdir) == before
+  if case in ('no_images', 'not_tfds_image'):
+    return  # (the other cases check a new workdir too)
+  # And a workdir that did not exist is not left behind.
+  result = run_main([*TINY, f'--config.data.dataset={name}', *extra,
+                     '--config.training.max_steps=2'], tmp_path / 'new')
+  assert_user_error(result, fragment)
+  assert not (tmp_path / 'new').exists()
+
+
+@pytest.mark.slow
+def test_pretrain_and_evaluate_a_folder(tmp_path):
+  images = tmp_path / 'images'
+  data_fixtures.write_image_folder(str(images), per_class=6)
+  workdir = tmp_path / 'work'
+  name = f'folder:{images}'
+  result = run_main([*TINY, f'--config.data.dataset={name}',
+                     '--config.training.max_steps=3',
+                     '--config.training.eval_every_steps=3'], workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / 'summary.json') as f:
+    summary = json.load(f)
+  assert summary['step'] == 3 and len(summary['online_params_sha256']) == 64
+  with open(workdir / 'dataset.json') as f:
+    manifest = json.load(f)
+  assert manifest['dataset'] == name and manifest['num_skipped'] == 2
+  assert manifest['classes'] == list(data_fixtures.CLASSES)
+  assert len(manifest['normalization']['mean']) == 3
+  assert sum(len(manifest['files'][s]) for s in ('TRAIN_AND_VALID',
+                                                 'TEST')) == 18
+  result = run_main(['--config=configs/eval.py:local',
+                     '--config.training.max_steps=2',
+                     '--config.training.batch_size=8',
+                     '--config.data.image_size=8'], workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / 'eval_linear' / 'summary.json') as f:
+    evaluation = json.load(f)
+  assert evaluation['num_test_examples'] == len(manifest['files']['TEST'])
+  assert 0.0 <= evaluation['top1_accuracy'] <= 1.0

@@ -1,0 +1,315 @@
+"""The dataset registry: folder:, tfds: and tfds_dir: sources.
+
+Every test builds its own data (`data_fixtures`): a folder of JPEG and PNG
+files of non-square shapes, gray and RGBA among them, a corrupt JPEG and a
+text file; a tiny tfds dataset prepared into a temporary data dir.
+"""
+
+import hashlib
+import os
+
+import chex
+import numpy as np
+import pytest
+
+from byol import dataset
+from byol.data import crops
+from byol.data import registry
+from byol.data import splits
+import data_fixtures
+
+Split = dataset.Split
+Mode = dataset.PreprocessMode
+
+
+@pytest.fixture(scope='module')
+def labelled(tmp_path_factory):
+  root = tmp_path_factory.mktemp('labelled')
+  written = data_fixtures.write_image_folder(str(root))
+  return f'folder:{root}', written
+
+
+@pytest.fixture(scope='module')
+def tiny_tfds(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp('tfds')
+  builder = data_fixtures.prepare_tiny_tfds(data_dir)
+  return str(data_dir), str(builder.data_dir)
+
+
+def _load(name, split, mode, batch=4, **kwargs):
+  kwargs.setdefault('process_index', 0)
+  kwargs.setdefault('process_count', 1)
+  return dataset.load(split, preprocess_mode=mode, batch_dims=[batch],
+                      dataset=name, image_size=16, deterministic=True,
+                      **kwargs)
+
+
+def _eval_labels(name, split, **kwargs):
+  labels = []
+  for batch in _load(name, split, Mode.EVAL, **kwargs):
+    labels += batch['labels'][batch['mask'] > 0].tolist()
+  return labels
+
+
+def test_folder_classes_labels_and_skips(labelled):
+  name, written = labelled
+  source = registry.resolve(name)
+  assert dataset.num_classes(name) == 3
+  assert source.class_names == data_fixtures.CLASSES
+  manifest = source.manifest()
+  files = {p: l for s in ('TRAIN_AND_VALID', 'TEST')
+           for p, l in manifest['files'][s]}
+  # Every written image, with its folder's label; the two bad files skipped.
+  assert files == written
+  assert manifest['num_skipped'] == 2
+  assert sorted(s.split(':')[0] for s in manifest['skipped']) == [
+      os.path.join('cat', 'broken.jpg'), os.path.join('dog', 'notes.txt')]
+  # The pipeline's labels are the files' labels, in the split's path order.
+  test = manifest['files']['TEST']
+  assert _eval_labels(name, Split.TEST) == [l for _, l in test]
+
+
+def test_folder_split_rule(labelled):
+  name, written = labelled
+  source = registry.resolve(name)
+  # The rule, computed here independently: order by SHA-1 of the path.
+  order = sorted(written, key=lambda p: hashlib.sha1(p.encode()).hexdigest())
+  n_test = max(1, round(len(order) / 10))
+  rest = order[n_test:]
+  n_valid = max(1, round(len(rest) / 10))
+  expected = {'TEST': sorted(order[:n_test]),
+              'VALID': sorted(rest[:n_valid]),
+              'TRAIN': sorted(rest[n_valid:]),
+              'TRAIN_AND_VALID': sorted(rest)}
+  got = {s: [p for p, _ in e] for s, e in source.manifest()['files'].items()}
+  assert got == expected
+  for split in Split:
+    assert dataset.num_examples(split, name) == len(expected[split.name])
+
+
+def test_folder_train_test_layout(tmp_path):
+  data_fixtures.write_image_folder(str(tmp_path / 'train'), per_class=4)
+  data_fixtures.write_image_folder(str(tmp_path / 'test'), per_class=2,
+                                   seed=5)
+  source = registry.resolve(f'folder:{tmp_path}')
+  assert source.layout == 'train/test'
+  files = source.manifest()['files']
+  assert all(p.startswith('test' + os.sep) for p, _ in files['TEST'])
+  assert len(files['TEST']) == 6
+  assert len(files['TRAIN_AND_VALID']) == 12
+  assert [l for _, l in files['TEST']] == [0, 0, 1, 1, 2, 2]
+
+
+def test_images_are_rgb_in_range(labelled):
+  name, _ = labelled
+  batch = next(_load(name, Split.TRAIN, Mode.PRETRAIN, batch=8))
+  for view in ('view1', 'view2'):
+    chex.assert_shape(batch[view], (8, 16, 16, 3))
+    assert batch[view].dtype == np.float32
+    assert 0.0 <= batch[view].min() and batch[view].max() <= 1.0
+  # The gray PNGs come out with three equal channels.
+  gray = [p for p in registry.resolve(name).manifest()['files']['TEST']]
+  del gray  # (the split may hold none; check one gray image directly)
+  from byol.data import encoded  # pylint: disable=g-import-not-at-top
+  root = registry.resolve(name).root
+  with open(os.path.join(root, 'cat', '2.png'), 'rb') as f:
+    image = encoded.centre_crop_any(f.read(), 16).numpy()
+  chex.assert_trees_all_close(image[..., 0], image[..., 1])
+  chex.assert_trees_all_close(image[..., 0], image[..., 2])
+
+
+def test_two_processes_share_every_example_once(labelled):
+  name, _ = labelled
+  for split in (Split.TEST, Split.TRAIN):
+    whole = _eval_labels(name, split)
+    parts = [_eval_labels(name, split, process_index=i, process_count=2)
+             for i in range(2)]
+    assert parts[0] + parts[1] == whole
+    # Both processes yield the same number of (padded) batches.
+    counts = [sum(1 for _ in _load(name, split, Mode.EVAL, process_index=i,
+                                   process_count=2)) for i in range(2)]
+    assert counts[0] == counts[1]
+  # Pretraining streams of the two processes read disjoint shards.
+  a = next(_load(name, Split.TRAIN, Mode.PRETRAIN, process_index=0,
+                 process_count=2, batch=2))
+  b = next(_load(name, Split.TRAIN, Mode.PRETRAIN, process_index=1,
+                 process_count=2, batch=2))
+  assert not np.allclose(a['view1'], b['view1'])
+
+
+def test_exact_resume(labelled):
+  name, _ = labelled
+  fresh = _load(name, Split.TRAIN_AND_VALID, Mode.PRETRAIN, seed=7)
+  batches = [next(fresh) for _ in range(9)]  # several epochs of 22 images
+  resumed = _load(name, Split.TRAIN_AND_VALID, Mode.PRETRAIN, seed=7,
+                  start_step=5)
+  for k in range(5, 9):
+    chex.assert_trees_all_close(next(resumed), batches[k], rtol=0, atol=0)
+
+
+def test_crop_windows_on_non_square_images(tmp_path):
+  # One 30 x 90 image whose pixel value is its column: a crop's mean tells
+  # which columns it covers. Every crop must be DeepMind's window for its
+  # (seed, process, position) key on a 30 x 90 image.
+  height, width = 30, 90
+  column = np.linspace(0, 255, width).round().astype(np.uint8)
+  image = np.broadcast_to(column[None, :, None], (height, width, 3))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(np.ascontiguousarray(image)).save(tmp_path / 'g.png')
+  name = f'folder:{tmp_path}'
+  stream = dataset.load(Split.TRAIN_AND_VALID, preprocess_mode=Mode.PRETRAIN,
+                        batch_dims=[32], dataset=name, image_size=32, seed=3,
+                        deterministic=True, process_index=0, process_count=1)
+  batch = next(stream)
+  seeds = [splits.stateless_seed(3, 0, splits.SALT_VIEW1, p)
+           for p in range(32)]
+  boxes = np.stack([crops.sample_crop_boxes(s, height, width)[0].numpy()
+                    for s in seeds])
+  expected = np.array([column[x:x + w].mean() / 255.
+                       for _, x, _, w in boxes])
+  got = batch['view1'].mean(axis=(1, 2, 3))
+  chex.assert_trees_all_close(got, expected, atol=0.01)
+  # The windows follow DeepMind's rule on this elongated image: area
+  # fraction at most 1 and at least ~0.08 of the image (before clipping),
+  # and a good part of them cut to the full height.
+  area = boxes[:, 2] * boxes[:, 3] / (height * width)
+  assert area.max() <= 1.0 and area.min() > 0.05
+  assert np.mean(boxes[:, 2] == height) > 0.2
+
+
+def test_normalization_stats_of_a_folder(tmp_path):
+  # Solid-colour images: the centre crops are those colours exactly, so the
+  # statistics are the colours' mean and population std.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  colours = {'a': [(10, 200, 30), (60, 20, 90)],
+             'b': [(250, 0, 128), (0, 0, 0)]}
+  for cls, values in colours.items():
+    os.makedirs(tmp_path / cls)
+    for i, c in enumerate(values):
+      Image.new('RGB', (21, 13), c).save(tmp_path / cls / f'{i}.png')
+  name = f'folder:{tmp_path}'
+  source = registry.resolve(name)
+  used = [c for p, _ in source.manifest()['files']['TRAIN_AND_VALID']
+          for c in [colours[p.split(os.sep)[0]][int(p[-5])]]]
+  values = np.asarray(used, np.float64) / 255.
+  mean, std = dataset.normalization_stats(name)
+  chex.assert_trees_all_close(mean, values.mean(0).astype(np.float32),
+                              atol=1e-5)
+  chex.assert_trees_all_close(std, values.std(0).astype(np.float32),
+                              atol=1e-5)
+  # The built-in datasets keep their constants.
+  chex.assert_trees_all_close(dataset.normalization_stats('fashion_mnist')[0],
+                              np.full(3, 0.2860406, np.float32))
+  chex.assert_trees_all_close(dataset.normalization_stats('imagenet2012')[1],
+                              np.asarray([0.229, 0.224, 0.225], np.float32))
+
+
+def test_unlabelled_folder_pretrains_only(tmp_path):
+  data_fixtures.write_flat_folder(str(tmp_path), count=5)
+  name = f'folder:{tmp_path}'
+  assert dataset.num_classes(name) == 1
+  assert dataset.num_examples(Split.TRAIN_AND_VALID, name) == 5
+  assert not dataset.has_labels(name)
+  batch = next(_load(name, Split.TRAIN_AND_VALID, Mode.PRETRAIN))
+  chex.assert_shape(batch['view1'], (4, 16, 16, 3))
+  np.testing.assert_array_equal(batch['labels'], 0)
+  with pytest.raises(dataset.DatasetError, match='unlabelled'):
+    dataset.num_examples(Split.TEST, name)
+  with pytest.raises(dataset.DatasetError, match='unlabelled'):
+    next(_load(name, Split.TRAIN, Mode.LINEAR_TRAIN))
+
+
+@pytest.mark.parametrize('make, match', [
+    (lambda p: None, 'no readable images'),
+    (lambda p: data_fixtures.write_image_folder(p, classes=('cat',)),
+     'needs two or more'),
+])
+def test_bad_folders(tmp_path, make, match):
+  make(str(tmp_path))
+  with pytest.raises(dataset.DatasetError, match=match):
+    dataset.num_classes(f'folder:{tmp_path}')
+
+
+def test_bad_names():
+  for name, match in (('cifar99', 'unknown dataset'),
+                      ('hub:thing', 'unknown dataset'),
+                      ('folder:', 'names no folder'),
+                      ('folder:/no/such/dir', 'not a folder'),
+                      ('tfds_dir:/no/such/dir', 'not a prepared tfds')):
+    with pytest.raises(dataset.DatasetError, match=match):
+      dataset.num_classes(name)
+
+
+def test_tfds_source(tiny_tfds):
+  data_dir, _ = tiny_tfds
+  name = 'tfds:byol_tiny_images'
+  assert dataset.num_classes(name, data_dir) == 3
+  # train + validation, no test: TEST = validation, VALID = train[:3].
+  sizes = {s: dataset.num_examples(s, name, data_dir) for s in Split}
+  assert sizes == {Split.TEST: 9, Split.VALID: 3, Split.TRAIN: 27,
+                   Split.TRAIN_AND_VALID: 30}
+  # The labels, in tfds' stored order, read with tfds itself.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder('byol_tiny_images', data_dir=data_dir)
+
+  def stored(spec):
+    return [int(e['label']) for e in tfds.as_numpy(
+        builder.as_dataset(split=spec, shuffle_files=False))]
+
+  assert _eval_labels(name, Split.TEST, data_dir=data_dir) == stored(
+      'validation')
+  assert _eval_labels(name, Split.VALID, data_dir=data_dir) == stored(
+      'train[:3]')
+  halves = [_eval_labels(name, Split.TRAIN, data_dir=data_dir,
+                         process_index=i, process_count=2) for i in range(2)]
+  assert halves[0] + halves[1] == stored('train[3:]')
+  fresh = _load(name, Split.TRAIN, Mode.PRETRAIN, data_dir=data_dir)
+  batches = [next(fresh) for _ in range(8)]
+  resumed = _load(name, Split.TRAIN, Mode.PRETRAIN, data_dir=data_dir,
+                  start_step=6)
+  chex.assert_trees_all_close(next(resumed), batches[6], rtol=0, atol=0)
+
+
+def test_tfds_dir_source_reads_the_same(tiny_tfds):
+  data_dir, folder = tiny_tfds
+  via_dir = f'tfds_dir:{folder}'
+  assert dataset.num_classes(via_dir) == 3
+  a = next(_load(via_dir, Split.TEST, Mode.EVAL, batch=9))
+  b = next(_load('tfds:byol_tiny_images', Split.TEST, Mode.EVAL, batch=9,
+                 data_dir=data_dir))
+  chex.assert_trees_all_close(a, b, rtol=0, atol=0)
+
+
+def test_tfds_not_an_image_dataset(tmp_path):
+  data_fixtures.prepare_tiny_tfds(tmp_path, image=False)
+  with pytest.raises(dataset.DatasetError, match='not an image-class'):
+    dataset.num_classes('tfds:byol_tiny_tensors', str(tmp_path))
+  with pytest.raises(dataset.DatasetError, match='has no dataset'):
+    dataset.num_classes('tfds:byol_no_such_dataset', str(tmp_path))
+
+
+def test_subset_reads_only_those_examples(labelled, tiny_tfds):
+  name, _ = labelled
+  train = registry.resolve(name).labels(Split.TRAIN)
+  subset = [1, 4, 5]
+  batch = next(_load(name, Split.TRAIN, Mode.LINEAR_TRAIN, batch=3,
+                     subset=subset))
+  assert sorted(batch['labels'].tolist()) == sorted(train[subset].tolist())
+  data_dir, _ = tiny_tfds
+  batch = next(_load('tfds:byol_tiny_images', Split.TRAIN, Mode.LINEAR_TRAIN,
+                     batch=3, subset=[0, 1, 3], data_dir=data_dir))
+  # TRAIN is train[3:]: positions 0, 1, 3 of it.
+  train = registry.resolve('tfds:byol_tiny_images', data_dir).labels(
+      Split.TRAIN)
+  assert len(train) == 27
+  assert sorted(batch['labels'].tolist()) == sorted(train[[0, 1, 3]].tolist())
+  with pytest.raises(dataset.DatasetError, match='distinct, sorted'):
+    next(_load(name, Split.TRAIN, Mode.LINEAR_TRAIN, subset=[3, 1]))
+
+
+def test_fashion_mnist_subset():
+  batch = next(_load('fashion_mnist', Split.TRAIN, Mode.EVAL, batch=4,
+                     subset=[0, 2, 7, 9]))
+  whole = next(_load('fashion_mnist', Split.TRAIN, Mode.EVAL, batch=10))
+  chex.assert_trees_all_close(batch['images'], whole['images'][[0, 2, 7, 9]])
+  np.testing.assert_array_equal(batch['labels'], whole['labels'][[0, 2, 7, 9]])
