@@ -16,6 +16,10 @@ from byol import schedules
 from byol import update as update_lib
 from configs import byol as byol_config
 
+# One worker runs the module: its tests share compiled steps (lru_cache'd
+# below), which another worker would compile again.
+pytestmark = pytest.mark.xdist_group('experiment')
+
 NUM_DEVICES = 4  # tests/conftest.py forces 4 CPU devices
 IMAGE = 16
 BATCH = 16  # global

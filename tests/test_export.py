@@ -40,6 +40,10 @@ from test_dm_checkpoint import random_state
 from test_dm_checkpoint import write_dm_pickle
 from test_experiment import tiny_config
 
+# One worker runs the module: its tests share the exports of the `exports`
+# fixture, which another worker would make (and convert) again.
+pytestmark = pytest.mark.xdist_group('export')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The agreement the export promises (README, "Use the weights elsewhere").
