@@ -202,6 +202,7 @@ def test_dill_is_not_imported_to_read_a_file():
   assert out.stdout.strip() == 'False'
 
 
+@pytest.mark.slow  # two training steps of a PretrainExperiment
 def test_resumed_pretraining_continues_at_the_files_step_with_its_momentum(
     tmp_path, source):
   # Logged every step; no evaluation or diagnostics (only the steps cost).
