@@ -15,6 +15,10 @@ from byol import model
 from byol import train_loop
 from test_experiment import tiny_config
 
+# One worker runs the module: its tests share the converted network (a
+# module fixture), which another worker would compile and convert again.
+pytestmark = pytest.mark.xdist_group('bn_init')
+
 BATCH = 16
 
 

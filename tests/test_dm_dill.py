@@ -36,6 +36,10 @@ from test_dm_checkpoint import random_state
 from test_dm_checkpoint import resnet50_config
 from test_experiment import tiny_config
 
+# One worker runs the module: its tests share the module's fixtures (the
+# source state, the jitted embedding), which another worker would make again.
+pytestmark = pytest.mark.xdist_group('dm_dill')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'dm_fixtures')
 WRITER = os.path.join(FIXTURES, 'write_dm_checkpoint.py')
@@ -198,6 +202,7 @@ def test_dill_is_not_imported_to_read_a_file():
   assert out.stdout.strip() == 'False'
 
 
+@pytest.mark.slow  # two training steps of a PretrainExperiment
 def test_resumed_pretraining_continues_at_the_files_step_with_its_momentum(
     tmp_path, source):
   # Logged every step; no evaluation or diagnostics (only the steps cost).

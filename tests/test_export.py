@@ -40,6 +40,10 @@ from test_dm_checkpoint import random_state
 from test_dm_checkpoint import write_dm_pickle
 from test_experiment import tiny_config
 
+# One worker runs the module: its tests share the exports of the `exports`
+# fixture, which another worker would make (and convert) again.
+pytestmark = pytest.mark.xdist_group('export')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The agreement the export promises (README, "Use the weights elsewhere").
@@ -62,6 +66,16 @@ KINDS = {
 
 # Kinds also checked as SavedModels (the others are torch-only variations).
 SAVEDMODEL_KINDS = ('bn', 'local', 'gnws_bottleneck_imagenet_stem')
+
+# The two largest networks (their exports, each with a SavedModel, cost the
+# most) are checked in the full suite only; the fast tier keeps BN, GN+WS,
+# LN and the ImageNet stem in torch and BN as a SavedModel.
+_LARGE_KINDS = ('local', 'gnws_bottleneck_imagenet_stem')
+
+
+def kind_params(kinds):
+  return [pytest.param(k, marks=pytest.mark.slow) if k in _LARGE_KINDS
+          else k for k in kinds]
 
 
 def kind_config(kind):
@@ -143,8 +157,9 @@ def image_sides(kind):
 # PyTorch
 
 
-@pytest.mark.parametrize('kind', ['bn', 'gnws', 'local', 'bn_imagenet_stem',
-                                  'gnws_bottleneck_imagenet_stem', 'ln'])
+@pytest.mark.parametrize('kind', kind_params(
+    ['bn', 'gnws', 'local', 'bn_imagenet_stem',
+     'gnws_bottleneck_imagenet_stem', 'ln']))
 def test_torch_gives_the_project_embeddings(exports, kind):
   config, params, state, out, info = exports(kind)
   model_tv = torch_resnet.load(out)
@@ -290,7 +305,7 @@ def test_bn_averages_and_names_map_leaf_for_leaf(exports):
 # TensorFlow SavedModel
 
 
-@pytest.mark.parametrize('kind', SAVEDMODEL_KINDS)
+@pytest.mark.parametrize('kind', kind_params(SAVEDMODEL_KINDS))
 def test_savedmodel_gives_the_project_embeddings(exports, kind):
   config, params, state, out, info = exports(kind)
   assert info['savedmodel']['outputs'] == ['embedding', 'logits',
@@ -458,6 +473,7 @@ def run_cli(*args, cwd=ROOT):
                         timeout=600, check=False)
 
 
+@pytest.mark.slow  # four `python -m byol.export` processes
 def test_command_bad_input_is_one_error_line(tmp_path):
   config = kind_config('bn')
   config.unlock()
@@ -498,6 +514,7 @@ def readme_section():
   return text[start:end if end > 0 else None]
 
 
+@pytest.mark.slow  # an export and two snippets, each its own process
 def test_readme_snippets_run(tmp_path):
   """The README's export command, its PyTorch and its Keras snippets, run as
   written (in a folder with a `workdirs/local` of a small `local` run)."""

@@ -139,15 +139,18 @@ def test_fast_conv_switch_gives_the_same_network_and_gradients():
 
   x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3))
   plain, fast = net(False), net(True)
-  params, state = plain.init(jax.random.PRNGKey(1), x)
-  fast_params, _ = fast.init(jax.random.PRNGKey(1), x)
+  # Jitted: op by op, every primitive of the two nets and their gradients
+  # would be compiled on its own (several times the CPU of one program each).
+  params, state = jax.jit(plain.init)(jax.random.PRNGKey(1), x)
+  fast_params, _ = jax.jit(fast.init)(jax.random.PRNGKey(1), x)
   assert jax.tree.structure(params) == jax.tree.structure(fast_params)
 
   def loss(transformed, p):
     return jnp.sum(jnp.sin(transformed.apply(p, state, None, x)[0]))
 
-  chex.assert_trees_all_close(loss(fast, params), loss(plain, params),
+  chex.assert_trees_all_close(jax.jit(lambda p: loss(fast, p))(params),
+                              jax.jit(lambda p: loss(plain, p))(params),
                               rtol=1e-5, atol=0)
-  g_plain = jax.grad(lambda p: loss(plain, p))(params)
-  g_fast = jax.grad(lambda p: loss(fast, p))(params)
+  g_plain = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
+  g_fast = jax.jit(jax.grad(lambda p: loss(fast, p)))(params)
   chex.assert_trees_all_close(g_fast, g_plain, rtol=2e-4, atol=2e-5)

@@ -1,5 +1,6 @@
 """The command line: bad input gives one `error:` line, exit 2, nothing lost."""
 
+import json
 import os
 import subprocess
 import sys
@@ -83,14 +84,78 @@ BAD_INPUTS = [
 ]
 
 
+# Workdirs of the eval runs below, each with this config.json written first.
+DAMAGED_CONFIGS = [
+    ('{broken', 'not valid JSON'),
+    ('[1, 2]', 'does not hold a config'),
+    ('{"method": "byol"}', "no field 'model'"),
+]
+
+
+def _unwritable_target(tmp_path):
+  if os.geteuid() == 0:
+    return '/proc/byol-cannot-write-here'
+  ro = tmp_path / 'ro'
+  ro.mkdir()
+  os.chmod(ro, 0o500)
+  return str(ro / 'w')
+
+
+@pytest.fixture(scope='module')
+def main_runs(tmp_path_factory):
+  """The runs of bad input that end before any computation, all forked
+  from one process that imported main.py once (tests/main_cases.py): each
+  `python main.py` start would otherwise import JAX and TensorFlow again.
+
+  Returns {case name: (CompletedProcess, workdir)}; case names are
+  BAD_INPUTS' names, 'eval_without_run', 'damaged_config_<i>' and
+  'unwritable'.
+  """
+  base = tmp_path_factory.mktemp('main_runs')
+  named = {}
+  for name, args, _ in BAD_INPUTS:
+    named[name] = (args, base / name / 'w')
+  eval_args = ['--config=configs/eval.py:local,fast']
+  (base / 'eval_without_run').mkdir()
+  named['eval_without_run'] = (eval_args, base / 'eval_without_run')
+  for i, (text, _) in enumerate(DAMAGED_CONFIGS):
+    workdir = base / f'damaged_config_{i}'
+    workdir.mkdir()
+    (workdir / 'config.json').write_text(text)
+    named[f'damaged_config_{i}'] = (eval_args, workdir)
+  named['unwritable'] = ([f'--config={LOCAL}'], _unwritable_target(base))
+  cases = [[f'--workdir={workdir}', *args] for args, workdir in
+           named.values()]
+  cases_path, results_path = base / 'cases.json', base / 'results.json'
+  cases_path.write_text(json.dumps(cases))
+  # Four forced CPU devices, as the batch checks need (the other cases end
+  # before any backend starts); conftest's XLA flags are kept.
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+             XLA_FLAGS=' '.join(
+                 flags + ['--xla_force_host_platform_device_count=4']))
+  done = subprocess.run(
+      [sys.executable, os.path.join('tests', 'main_cases.py'),
+       str(cases_path), str(results_path)], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(results_path.read_text())
+  return {name: (subprocess.CompletedProcess(case, r['returncode'],
+                                             r['stdout'], r['stderr']),
+                 workdir)
+          for (name, (_, workdir)), case, r in zip(named.items(), cases,
+                                                   results)}
+
+
 @pytest.mark.parametrize('name,args,fragments', BAD_INPUTS,
                          ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_is_one_error_line(tmp_path, name, args, fragments):
-  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  result = run_main(args, tmp_path / 'w', env=env)
+def test_bad_input_is_one_error_line(main_runs, name, args, fragments):
+  result, workdir = main_runs[name]
+  assert result.args[1:] == args  # the case's own command line
   assert_user_error(result, *fragments)
   # Nothing was written into the workdir.
-  assert not os.path.exists(tmp_path / 'w') or not os.listdir(tmp_path / 'w')
+  assert not os.path.exists(workdir) or not os.listdir(workdir)
 
 
 def test_missing_dataset_files(tmp_path):
@@ -139,32 +204,20 @@ def test_tensorflow_starts_silently():
   assert result.stderr == ''
 
 
-def test_evaluating_a_workdir_without_a_run(tmp_path):
-  result = run_main(['--config=configs/eval.py:local,fast'], tmp_path)
+def test_evaluating_a_workdir_without_a_run(main_runs):
+  result, _ = main_runs['eval_without_run']
   assert_user_error(result, 'config.json')
 
 
-@pytest.mark.parametrize('text, fragment', [
-    ('{broken', 'not valid JSON'),
-    ('[1, 2]', 'does not hold a config'),
-    ('{"method": "byol"}', "no field 'model'"),
-])
-def test_evaluating_a_workdir_with_a_damaged_config(tmp_path, text, fragment):
-  path = tmp_path / 'config.json'
-  path.write_text(text)
-  result = run_main(['--config=configs/eval.py:local,fast'], tmp_path)
+@pytest.mark.parametrize('text, fragment', DAMAGED_CONFIGS)
+def test_evaluating_a_workdir_with_a_damaged_config(main_runs, text, fragment):
+  result, workdir = main_runs[
+      f'damaged_config_{DAMAGED_CONFIGS.index((text, fragment))}']
   assert_user_error(result, 'config.json', fragment)
-  assert path.read_text() == text
-  assert sorted(os.listdir(tmp_path)) == ['config.json']
+  assert (workdir / 'config.json').read_text() == text
+  assert sorted(os.listdir(workdir)) == ['config.json']
 
 
-def test_unwritable_workdir(tmp_path):
-  if os.geteuid() == 0:
-    target = '/proc/byol-cannot-write-here'
-  else:
-    ro = tmp_path / 'ro'
-    ro.mkdir()
-    os.chmod(ro, 0o500)
-    target = str(ro / 'w')
-  result = run_main([f'--config={LOCAL}'], target)
+def test_unwritable_workdir(main_runs):
+  result, _ = main_runs['unwritable']
   assert_user_error(result, 'workdir')

@@ -308,31 +308,55 @@ DIVERGING = {
 
 
 class _Run:
-  """A main.py run in a damaged copy of the reference workdir."""
+  """A main.py run in a damaged copy of the reference workdir: one case of a
+  `_Batch`."""
 
   def __init__(self, tmp_path_factory, base, name, damage, args):
     self.workdir = base / name
     shutil.copytree(tiny_runs.reference_run(tmp_path_factory), self.workdir)
     damage(self.workdir)
     self.before = tiny_runs.snapshot(self.workdir)
-    self._out, self._err = base / f'{name}.out', base / f'{name}.err'
-    with open(self._out, 'w') as out, open(self._err, 'w') as err:
-      self.proc = subprocess.Popen(
-          [sys.executable, 'main.py', f'--workdir={self.workdir}', *args],
-          cwd=tiny_runs.ROOT, env=tiny_runs.env(tmp_path_factory),
-          stdout=out, stderr=err, text=True)
+    self.args = [f'--workdir={self.workdir}', *args]
+    self.batch, self.index = None, None
     self._result = None
     self.after = None
 
   def result(self):
     """Waits for the run; its CompletedProcess (and `after`, a snapshot)."""
     if self._result is None:
-      self.proc.wait(timeout=tiny_runs.TIMEOUT)
+      r = self.batch.results()[self.index]
       self._result = subprocess.CompletedProcess(
-          self.proc.args, self.proc.returncode, self._out.read_text(),
-          self._err.read_text())
+          ['main.py', *self.args], r['returncode'], r['stdout'], r['stderr'])
       self.after = tiny_runs.snapshot(self.workdir)
     return self._result
+
+
+class _Batch:
+  """The runs of `_Run`s forked from one process that imported main.py once
+  (tests/main_cases.py): each `python main.py` start would otherwise import
+  JAX and TensorFlow again. Every child is main.py's `main` on its own argv,
+  with its own stdout, stderr and exit status."""
+
+  def __init__(self, tmp_path_factory, base, runs):
+    for i, run in enumerate(runs):
+      run.batch, run.index = self, i
+    cases, self._results = base / 'cases.json', base / 'results.json'
+    cases.write_text(json.dumps([run.args for run in runs]))
+    self._log = base / 'batch.log'
+    with open(self._log, 'w') as log:
+      self.proc = subprocess.Popen(
+          [sys.executable, os.path.join('tests', 'main_cases.py'),
+           str(cases), str(self._results)],
+          cwd=tiny_runs.ROOT, env=tiny_runs.env(tmp_path_factory),
+          stdout=log, stderr=subprocess.STDOUT)
+    self._loaded = None
+
+  def results(self):
+    if self._loaded is None:
+      code = tiny_runs.wait_all([self.proc])[0]
+      assert code == 0, self._log.read_text()[-3000:]
+      self._loaded = json.loads(self._results.read_text())
+    return self._loaded
 
 
 @pytest.fixture(scope='module')
@@ -340,15 +364,17 @@ def damaged_runs(tmp_path_factory):
   """Every BAD_WORKDIRS and DIVERGING run, in the background.
 
   A thread waits for the reference run (started here if need be), then
-  starts them all at once; each test waits for its own (`get(name)`).
+  damages a copy of it for each and starts them as one `_Batch`; each test
+  waits for its own (`get(name)`).
   """
   base = tmp_path_factory.mktemp('damaged')
-  runs, failure = {}, []
+  runs, failure, batch = {}, [], []
 
   def launch():
     try:
       for name, (damage, args, _) in {**BAD_WORKDIRS, **DIVERGING}.items():
         runs[name] = _Run(tmp_path_factory, base, name, damage, args)
+      batch.append(_Batch(tmp_path_factory, base, list(runs.values())))
     except BaseException as e:  # pylint: disable=broad-except
       failure.append(e)
 
@@ -364,10 +390,10 @@ def damaged_runs(tmp_path_factory):
 
   yield get
   thread.join(timeout=tiny_runs.TIMEOUT)
-  for run in runs.values():
-    if run.proc.poll() is None:
-      run.proc.kill()
-      run.proc.wait()
+  for b in batch:
+    if b.proc.poll() is None:
+      b.proc.kill()
+      b.proc.wait()
 
 
 @pytest.mark.parametrize('name', list(BAD_WORKDIRS))

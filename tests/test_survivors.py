@@ -133,6 +133,7 @@ def test_a_stop_on_a_step_between_checkpoints_checkpoints_that_step(tmp_path):
 # The online classifier is evaluated on TEST, every TEST example once.
 
 
+@pytest.mark.slow  # an evaluation over the whole TEST split
 def test_online_evaluation_reads_every_test_example(tmp_path, monkeypatch):
   config = tiny_config('local', **{'training.eval_batch_size': 1000})
   exp = experiment.PretrainExperiment(config, str(tmp_path),

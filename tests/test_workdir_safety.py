@@ -183,6 +183,10 @@ def test_bad_numbers_locks_checkpoints_and_full_disks_through_main(tmp_path):
 # A finished run stays finished.
 
 
+# A main.py run in a copy of the session's reference run: beside the other
+# tests that read it, so that one worker makes it once.
+@pytest.mark.slow
+@pytest.mark.xdist_group('reference_run')
 def test_rerunning_a_finished_run_changes_nothing(tmp_path_factory, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(tiny_runs.reference_run(tmp_path_factory), workdir)
