@@ -166,15 +166,23 @@ def get_config(arg=None):
   # networks always take one view per pass.
   c.training.images_per_pass = 0
   c.training.log_every_steps = 100
-  # The online classifier's TEST accuracy every N steps and at the end (0: never).
-  c.training.eval_every_steps = 5000
-  c.training.eval_batch_size = 1000  # over this process's devices
-  # Collapse diagnostics (byol/diagnostics.py) at every logging step, on a
-  # fixed batch of this many unaugmented training images (0: off).
-  c.training.diagnostics_batch_size = 512
   c.training.checkpoint_every_steps = 1000
   c.training.keep_checkpoints = 3
   c.training.deterministic_input = False
+
+  # What the training loop measures, and when (byol/evaluation/): each
+  # (every_steps, evaluator) pair runs that evaluator on the online network
+  # every that many steps and after the last step, its results joining that
+  # step's metrics.jsonl record. () measures nothing. Each evaluator's
+  # settings are its block below.
+  c.evaluators = ml_collections.ConfigDict()
+  c.evaluators.schedule = ((100, 'collapse'), (5000, 'online_classifier'))
+  # The online classifier's TEST accuracy, over every TEST example once.
+  c.evaluators.online_classifier = ml_collections.ConfigDict(dict(
+      batch_size=1000))  # over this process's devices
+  # proj_std and RankMe (byol/diagnostics.py) on a fixed batch of this many
+  # unaugmented training images.
+  c.evaluators.collapse = ml_collections.ConfigDict(dict(batch_size=512))
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ''  # host:port; '' -> single process
@@ -234,6 +242,6 @@ def _local(c):
   # than the rest stays near-optimal, as BYOL's section 5 recommends.
   c.training.predictor_lr_multiplier = 10.0
   c.training.log_every_steps = 20
-  c.training.eval_every_steps = 120
+  c.evaluators.schedule = ((20, 'collapse'), (120, 'online_classifier'))
   c.training.checkpoint_every_steps = 200
   c.training.deterministic_input = True
