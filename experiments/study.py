@@ -361,7 +361,8 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
   todo = [run_name(r, s) for r, s in runs if run_name(r, s) not in finished]
   remaining = sum(estimate(configs[n]) for n in todo)
   printer(f'[{tag}] {len(runs) - len(todo)} finished earlier, '
-          f'{len(todo)} to run; estimated {metrics_lib.format_duration(remaining)} at '
+          f'{len(todo)} to run; estimated '
+          f'{metrics_lib.format_duration(remaining)} at '
           f'{LOCAL_IMAGES_PER_SEC:.0f} images/s')
   durations, estimates = [], []
   for i, (row, seed) in enumerate(runs, 1):
@@ -396,7 +397,8 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
       # The a-priori estimates, rescaled by how long the runs here took.
       ratio = sum(durations) / sum(estimates)
       eta = ratio * sum(estimate(configs[n]) for n in left)
-      eta_text = f'ETA for the {len(left)} run(s) left {metrics_lib.format_duration(eta)}'
+      eta_text = (f'ETA for the {len(left)} run(s) left '
+                  f'{metrics_lib.format_duration(eta)}')
     else:
       eta_text = 'last run'
     printer(f'{head}: linear top-1 {study_report.pct(result["linear_top1"])}% '
@@ -405,7 +407,8 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
             f'{result["proj_std_final"]:.4f} ({result["proj_std_relative"]:.2f}'
             f' x step 0), rank {result["rankme_proj_final"]:.1f} '
             f'({result["rankme_proj_relative"]:.2f} x step 0), collapsed: '
-            f'{result["collapse"]}; {metrics_lib.format_duration(durations[-1])}; {eta_text}')
+            f'{result["collapse"]}; '
+            f'{metrics_lib.format_duration(durations[-1])}; {eta_text}')
 
   image_size = next(iter(configs.values())).data.image_size
   baseline = study_report.raw_pixel_baseline(
@@ -416,10 +419,10 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
   everything = load_finished(root, shown, record=record)
   table_path = os.path.join(results_dir, f'{name}_{dataset}.md')
   plot_path = os.path.join(results_dir, f'{name}_{dataset}.png')
-  text = study_report.write_table(table_path, everything, baseline, dataset=dataset,
-                     command=command.strip(), max_train_examples=max_train,
-                     max_test_examples=max_test, rows=shown, title=title,
-                     label=label)
+  text = study_report.write_table(
+      table_path, everything, baseline, dataset=dataset,
+      command=command.strip(), max_train_examples=max_train,
+      max_test_examples=max_test, rows=shown, title=title, label=label)
   study_report.write_plot(plot_path, everything, baseline,
                           lambda run: run_dir(run, root, record), rows=shown)
   printer('')

@@ -1,8 +1,8 @@
-"""A study's outputs: the markdown table, the plot, mean and spread, and the
-cached raw-pixel baseline.
+"""A study's report: the collapse rule, the markdown table, the plot, mean and
+spread over seeds, and the raw-pixel baseline (cached as JSON).
 
 Everything here reads finished runs' row summaries (`experiments/study.py`
-writes them) and their metrics.jsonl; nothing trains.
+runs the rows and writes them) and their metrics.jsonl; nothing trains.
 """
 
 import datetime
@@ -28,6 +28,7 @@ from byol.evaluation import probe
 COLLAPSE_RATIO = 0.1
 RANK_COLLAPSE_RATIO = 0.25
 
+
 def collapse_verdict(status: str, proj_std_relative: float,
                      rank_relative: float) -> str:
   """'yes', 'partial' (one measure only) or 'no'; see COLLAPSE_RATIO."""
@@ -43,7 +44,10 @@ def collapse_verdict(status: str, proj_std_relative: float,
 def raw_pixel_baseline(root: str, *, dataset: str, image_size: int,
                        max_train_examples: int, max_test_examples: int,
                        tag: str = 'ablation', printer=print) -> dict:
-  """Logistic regression on the raw pixels (cached in <root>/raw_pixels.json)."""
+  """Logistic regression on the raw pixels.
+
+  Cached in <root>/raw_pixels.json, keyed by the probe's settings.
+  """
   path = os.path.join(root, 'raw_pixels.json')
   key = dict(dataset=dataset, image_size=image_size,
              max_train_examples=max_train_examples,
@@ -88,7 +92,7 @@ def pct(x) -> str:
   return 'n/a' if x is None or not np.isfinite(x) else f'{100 * x:.2f}'
 
 
-def _length(config: dict) -> str:
+def run_length(config: dict) -> str:
   """'E epochs (N steps of B images)' of a resolved config dict."""
   t = config['training']
   steps = experiment.num_steps(ml_collections.ConfigDict(config))
@@ -108,7 +112,7 @@ def write_table(path: str, results: Dict[str, dict], baseline: dict, *,
               'train examples and scored on the first '
               f'{max_test_examples if max_test_examples > 0 else "all"} test '
               'examples.')
-  lengths = sorted({_length(r['config']) for r in results.values()})
+  lengths = sorted({run_length(r['config']) for r in results.values()})
   lines = [
       title or f'# BYOL without batch statistics: the ablation table on '
       f'{dataset}',
@@ -165,7 +169,8 @@ def write_table(path: str, results: Dict[str, dict], baseline: dict, *,
         f'{mean_spread([r["knn_top1"] - r["init_knn_top1"] for r in runs], 100, sign=True)} | '
         f'{mean_spread([r["proj_std_relative"] for r in runs], fmt=".3f")} | '
         f'{mean_spread([r.get("rankme_proj_relative", float("nan")) for r in runs], fmt=".3f")} | '
-        f'{collapsed} | {metrics.format_duration(sum(r["wall_time_sec"] for r in runs))} | '
+        f'{collapsed} | '
+        f'{metrics.format_duration(sum(r["wall_time_sec"] for r in runs))} | '
         f'{row.paper or "-"} |')
   lines += [
       '',

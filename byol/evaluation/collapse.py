@@ -31,6 +31,13 @@ class CollapseEvaluator:
     batch_size: images of the fixed batch (split over the local devices).
   """
 
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  network: model.Network, **kwargs) -> 'CollapseEvaluator':
+    """The evaluator of `config.evaluators.collapse` (given)."""
+    del kwargs  # nothing printed, no steps to record
+    return cls(network, batch_size=config.batch_size)
+
   def __init__(self, network: model.Network, *, batch_size: int):
     if batch_size <= 0:
       raise ConfigError(f'evaluators.collapse.batch_size must be positive, '
@@ -43,13 +50,6 @@ class CollapseEvaluator:
     # no data.
     self._batch = None
     self._features = None
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict,
-                  network: model.Network, **kwargs) -> 'CollapseEvaluator':
-    """The evaluator of `config.evaluators.collapse` (given)."""
-    del kwargs  # nothing printed, no steps to record
-    return cls(network, batch_size=config.batch_size)
 
   def _setup(self):
     n = jax.local_device_count()

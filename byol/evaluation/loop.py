@@ -54,7 +54,10 @@ def topk_hits(logits: jax.Array, labels: jax.Array, k: int,
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-  """Fraction of rows whose label is among the k largest scores (`topk_hits`)."""
+  """Fraction of rows whose label is among their k largest scores.
+
+  Host arrays in, a Python float out; the rule is `topk_hits`'s.
+  """
   hits = topk_hits(jnp.asarray(logits), jnp.asarray(labels), k)
   return int(hits) / len(labels)
 

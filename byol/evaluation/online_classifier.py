@@ -3,7 +3,8 @@
 DeepMind's `evaluate`: the linear classifier trained online on
 stop_gradient(embedding) reads the online network in inference mode, over
 every TEST example once. The training loop runs it on the schedule of
-`config.evaluators.schedule`; its settings are `config.evaluators.online_classifier`.
+`config.evaluators.schedule`; its settings are
+`config.evaluators.online_classifier`.
 """
 
 from typing import Dict

@@ -58,7 +58,8 @@ def schedule(config: ml_collections.ConfigDict) -> List[Tuple[int, str]]:
                         f'pairs, got {entry!r}') from None
     if name not in DURING_TRAINING:
       raise ConfigError(f'evaluators.schedule: {name!r} does not run during '
-                        f'pretraining; choose from {", ".join(DURING_TRAINING)}')
+                        f'pretraining; choose from '
+                        f'{", ".join(DURING_TRAINING)}')
     if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
       raise ConfigError(f'evaluators.schedule: every_steps of {name} must be '
                         f'a positive integer, got {every!r}')
