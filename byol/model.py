@@ -170,9 +170,12 @@ class Network:
   def check(self) -> None:
     """Builds the network shape-only; impossible shapes become `ConfigError`."""
     s = self.image_size
+    # Without the cross-replica axis: shapes do not depend on it, and
+    # BatchNorm's pmean has no axis to reduce over outside pmap.
+    forward = self.single_device().forward
     try:
       jax.eval_shape(
-          lambda x: self.forward.init(jax.random.PRNGKey(0), x, True),
+          lambda x: forward.init(jax.random.PRNGKey(0), x, True),
           jax.ShapeDtypeStruct((2, s, s, 3), jnp.float32))
     except ValueError as e:
       raise ConfigError(str(e).splitlines()[0]) from None
