@@ -167,13 +167,24 @@ def per_device_batch(config: ml_collections.ConfigDict,
   return global_batch // (num_devices * accum)
 
 
+def num_steps_for(epochs: float, max_steps: int, num_examples: int,
+                  batch_size: int) -> int:
+  """`max_steps` when positive, else `epochs` passes over `num_examples`.
+
+  The one rule for the length of a run, pretraining's and the evaluations'.
+  """
+  if max_steps > 0:
+    return int(max_steps)
+  return max(1, int(epochs * num_examples // batch_size))
+
+
 def num_steps(config: ml_collections.ConfigDict) -> int:
-  if config.training.max_steps > 0:
-    return int(config.training.max_steps)
-  examples = dataset_lib.num_examples(dataset_lib.Split.TRAIN_AND_VALID,
-                                      config.data.dataset)
-  return max(1, int(config.training.epochs * examples
-                    // config.training.batch_size))
+  """The pretraining run's length in steps."""
+  t = config.training
+  return num_steps_for(
+      t.epochs, t.max_steps,
+      dataset_lib.num_examples(dataset_lib.Split.TRAIN_AND_VALID,
+                               config.data.dataset), t.batch_size)
 
 
 def warmup_steps(config: ml_collections.ConfigDict) -> int:

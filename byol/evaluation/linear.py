@@ -20,6 +20,7 @@ import optax
 
 from byol import dataset as dataset_lib
 from byol import devices
+from byol import experiment
 from byol import model
 from byol.errors import ConfigError
 from byol.evaluation import loop
@@ -201,7 +202,8 @@ class LinearEvaluator:
     self.train_split = train_split
     self.head_init = head_init
     self.num_train = dataset_lib.num_examples(train_split, data.dataset)
-    self.steps = loop.num_steps(epochs, max_steps, self.num_train, batch_size)
+    self.steps = experiment.num_steps_for(epochs, max_steps, self.num_train,
+                                          batch_size)
     self.log_every_steps = log_every_steps
     self.seed = seed
     self.print = printer

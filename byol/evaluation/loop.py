@@ -87,14 +87,6 @@ def per_device_batch(batch_size: int) -> int:
   return batch_size // jax.device_count()
 
 
-def num_steps(epochs: float, max_steps: int, num_train: int,
-              batch_size: int) -> int:
-  """`max_steps` when positive, else `epochs` passes over `num_train`."""
-  if max_steps > 0:
-    return int(max_steps)
-  return max(1, int(epochs * num_train // batch_size))
-
-
 def train_input(data: DataSpec, split, batch_size: int,
                 seed: int) -> Iterator[Dict[str, np.ndarray]]:
   """Augmented (crop + flip) training batches, [local devices, per device]."""
