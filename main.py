@@ -182,8 +182,13 @@ def _run(config, workdir):
             f'{summary["loss"]:.4f}, params sha256 '
             f'{summary["online_params_sha256"][:16]}')
     if _PROBE.value:
-      from byol import eval_experiment  # pylint: disable=g-import-not-at-top
-      eval_experiment.probe_report(exp, workdir)
+      from byol import devices  # pylint: disable=g-import-not-at-top
+      from byol.evaluation import probe  # pylint: disable=g-import-not-at-top
+      trained = devices.unreplicate(exp.state)
+      initial = devices.unreplicate(exp.initial_state())
+      probe.probe_report(
+          exp.network, (trained.online_params, trained.online_state),
+          (initial.online_params, initial.online_state), workdir)
 
 
 def _disk_full(e: OSError) -> bool:

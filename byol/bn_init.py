@@ -15,6 +15,9 @@ that batch, and from then on uses no batch statistics at all.
 The batch statistics are read from Haiku's BatchNorm state: with a moving
 average decay of 0, one training-mode pass leaves exactly the batch mean and
 variance in `mean_ema` / `var_ema`.
+
+The networks come from `byol/model.py` (the converted one is
+`model.network_config`'s); the model knows nothing of this module.
 """
 
 from typing import Tuple
@@ -24,17 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-PARTS = ('encoder', 'projector', 'predictor')
-
-
-def affine_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The network config after conversion: every `bn` component -> `affine`."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  for part in PARTS:
-    if c.model[part].norm == 'bn':
-      c.model[part].norm = 'affine'
-  c.model.init = 'default'
-  return c
+from byol import model
 
 
 def statistics_config(config: ml_collections.ConfigDict
@@ -85,22 +78,23 @@ def convert_bn_to_affine(bn_params: hk.Params, bn_state: hk.State,
   return out
 
 
-def bn_initialised_params(config: ml_collections.ConfigDict, make_forward,
+def bn_initialised_params(config: ml_collections.ConfigDict,
                           rng: jax.Array, images: jax.Array
                           ) -> Tuple[hk.Params, hk.State]:
   """Params (and state) of the affine network, initialised from one BN pass.
 
   Args:
     config: the pretraining config (components with `bn` get converted).
-    make_forward: `make_forward(config) -> hk.TransformedWithState`, single
-      device (no cross-replica axis).
     rng: initialisation key.
-    images: a normalized, augmented batch [B, H, W, 3].
+    images: an augmented batch [B, H, W, 3] in [0, 1] (the networks
+      normalise it).
   """
-  stats_forward = make_forward(statistics_config(config))
+  # Single-device networks: the pass runs inside the (pmapped) init function
+  # on the same batch on every device, so no cross-replica axis is needed.
+  stats_forward = model.Network(statistics_config(config), None).forward
   bn_params, bn_state = stats_forward.init(rng, images, True)
   _, bn_state = stats_forward.apply(bn_params, bn_state, None, images, True)
-  affine_forward = make_forward(affine_config(config))
+  affine_forward = model.Network(model.network_config(config), None).forward
   template, state = affine_forward.init(rng, images, True)
   params = convert_bn_to_affine(bn_params, bn_state, template,
                                 config.model.bn_eps)

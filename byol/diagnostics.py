@@ -15,8 +15,9 @@ embeddings) of N different images:
   not.
 
 During pretraining both are measured on a fixed batch of unaugmented training
-images at every logging step (`make_diagnostics_fn`), so that their curves over
-training compare like with like.
+images by the collapse evaluator (`byol/evaluation/collapse.py`, through
+`make_diagnostics_fn`), on the schedule of the config, so that their curves
+over training compare like with like.
 """
 
 from typing import Dict, Optional

@@ -4,21 +4,19 @@ In reading order: config checks and the numbers derived from the config
 (per-device batch, steps, warmup); the one-off augmented batch of the BN-init
 pass; the initial state (`make_init_fn`, `state_template`); and
 `PretrainExperiment`, which holds the replicated state and initialises,
-restores, advances and saves it. The network it trains is built in
-`byol/model.py`, the pure update step it runs in `byol/update.py`; the loop
-that drives it, and everything it writes besides checkpoints, is
-`byol/train_loop.py`.
+restores, advances and saves it -- and measures nothing. The network it
+trains is `byol/model.py`'s `Network`, the pure update step it runs
+`byol/update.py`'s; the loop that drives it, runs the evaluators on their
+schedule and writes everything besides checkpoints is `byol/train_loop.py`.
 """
 
-import functools
 import hashlib
 import math
 import os
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Dict, Iterator, NamedTuple
 
 import haiku as hk
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -29,8 +27,6 @@ from byol import bn_init
 from byol import checkpointing
 from byol import dataset as dataset_lib
 from byol import devices
-from byol import diagnostics
-from byol import inference
 from byol import model
 from byol import update as update_lib
 from byol.errors import ConfigError
@@ -50,7 +46,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` for field values no run could use.
 
   The model's own fields (norms, groups, sizes, widths, dtype) are checked by
-  the networks' constructors, when `check_model` builds them shape-only.
+  the networks' constructors, when `model.Network.check` builds them
+  shape-only.
   """
   if config.method not in ('byol', 'simclr'):
     raise ConfigError(f'method must be byol or simclr, got {config.method!r}')
@@ -171,14 +168,25 @@ def per_device_batch(config: ml_collections.ConfigDict,
   return global_batch // (num_devices * accum)
 
 
+def num_steps_for(epochs: float, max_steps: int, num_examples: int,
+                  batch_size: int) -> int:
+  """`max_steps` when positive, else `epochs` passes over `num_examples`.
+
+  The one rule for the length of a run, pretraining's and the evaluations'.
+  """
+  if max_steps > 0:
+    return int(max_steps)
+  return max(1, int(epochs * num_examples // batch_size))
+
+
 def num_steps(config: ml_collections.ConfigDict) -> int:
-  if config.training.max_steps > 0:
-    return int(config.training.max_steps)
-  examples = dataset_lib.num_examples(dataset_lib.Split.TRAIN_AND_VALID,
-                                      config.data.dataset,
-                                      config.data.data_dir or None)
-  return max(1, int(config.training.epochs * examples
-                    // config.training.batch_size))
+  """The pretraining run's length in steps."""
+  t = config.training
+  return num_steps_for(
+      t.epochs, t.max_steps,
+      dataset_lib.num_examples(dataset_lib.Split.TRAIN_AND_VALID,
+                               config.data.dataset,
+                               config.data.data_dir or None), t.batch_size)
 
 
 def warmup_steps(config: ml_collections.ConfigDict) -> int:
@@ -191,12 +199,12 @@ def warmup_steps(config: ml_collections.ConfigDict) -> int:
 
 def augmented_batch(config: ml_collections.ConfigDict, batch_size: int, *,
                     data_seed: int, rng: jax.Array, **load_kwargs) -> np.ndarray:
-  """One pretraining batch as the network sees it: view 1, augmented, normalised.
+  """One pretraining batch as the network gets it: view 1, augmented.
 
   The first batch of the deterministic pretraining stream of `data_seed`,
-  through the on-device augmentations of view 1 (keys from `rng`) and the
-  dataset's normalization. For one-off passes outside the training loop: the
-  BN-init statistics, proj_std at initialisation.
+  through the on-device augmentations of view 1 (keys from `rng`), in [0, 1]
+  (the network normalises it). For one-off passes outside the training loop:
+  the BN-init statistics, proj_std at initialisation.
 
   Args:
     config: the pretraining config (dataset, image size, augmentations).
@@ -217,29 +225,23 @@ def augmented_batch(config: ml_collections.ConfigDict, batch_size: int, *,
       seed=data_seed, deterministic=True, **load_kwargs))
   views = jax.jit(lambda b, r: augmentations.postprocess(
       b, r, c.data.augmentations))(batch, rng)
-  return np.asarray(dataset_lib.normalize(views['view1'],
-                                          dataset=c.data.dataset,
-                                          data_dir=c.data.data_dir or None))
+  return np.asarray(views['view1'])
 
 
-def make_init_fn(config: ml_collections.ConfigDict,
-                 forward: hk.TransformedWithState,
+def make_init_fn(network: model.Network,
                  optimizer: optax.GradientTransformation):
-  """Returns `init(rng, images) -> TrainState`.
+  """Returns `init(rng, images) -> TrainState` of `network`.
 
-  Under the BN-init protocol `images` must be a real, augmented, normalized
-  batch (the same on every device, so that replicas agree); otherwise only
-  its shape matters.
+  Under the BN-init protocol `images` must be a real, augmented batch (the
+  same on every device, so that replicas agree); otherwise only its shape
+  matters.
   """
-  num_classes = dataset_lib.num_classes(config.data.dataset,
-                                        config.data.data_dir or None)
+  config = network.config
 
   def init_network(rng, images):
     if config.model.init == 'bn_init':
-      return bn_init.bn_initialised_params(
-          config, lambda c: model.make_forward(c, num_classes, axis_name=None),
-          rng, images)
-    return forward.init(rng, images, True)
+      return bn_init.bn_initialised_params(config, rng, images)
+    return network.forward.init(rng, images, True)
 
   def init(rng, images):
     online_rng, target_rng = jax.random.split(rng)
@@ -260,11 +262,9 @@ def make_init_fn(config: ml_collections.ConfigDict,
 
 def state_template(config: ml_collections.ConfigDict) -> TrainState:
   """Host-side zeros shaped like the training state, for restoring."""
-  num_classes = dataset_lib.num_classes(config.data.dataset,
-                                        config.data.data_dir or None)
-  forward = model.make_forward(config, num_classes, axis_name=None)
   # The optimizer's state has the same structure whatever the schedule.
-  init = make_init_fn(config, forward, update_lib.make_optimizer(config, 1, 0))
+  init = make_init_fn(model.Network(config, axis_name=None),
+                      update_lib.make_optimizer(config, 1, 0))
   s = config.data.image_size
   shapes = jax.eval_shape(init, jax.random.PRNGKey(0),
                           jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
@@ -286,7 +286,7 @@ class PretrainExperiment:
 
   The experiment holds the training state and knows how to initialise,
   restore, advance (`step`) and save it; `train_loop.train(experiment)`
-  drives it. Usage:
+  drives it and runs the evaluators. Usage:
 
     summary = train_loop.train(PretrainExperiment(config, workdir))
 
@@ -306,17 +306,17 @@ class PretrainExperiment:
     self.accum = config.training.accumulation_steps
     self.total_steps = num_steps(config)
     self.warmup = warmup_steps(config)
-    self.num_classes = dataset_lib.num_classes(config.data.dataset,
-                                        config.data.data_dir or None)
-    self.forward = model.make_forward(config, self.num_classes, devices.AXIS)
+    # The network, built once: its forward normalises its own input.
+    self.network = model.Network(config, devices.AXIS)
+    self.network.check()
     self.optimizer = update_lib.make_optimizer(config, self.total_steps,
                                                self.warmup)
-    model.check_model(config, self.num_classes)
-    self._init = jax.pmap(make_init_fn(config, self.forward, self.optimizer),
+    self._init = jax.pmap(make_init_fn(self.network, self.optimizer),
                           axis_name=devices.AXIS)
     self._update = jax.pmap(
-        update_lib.make_update_fn(config, self.forward, self.optimizer,
-                                  self.total_steps, self.warmup, devices.AXIS),
+        update_lib.make_update_fn(config, self.network.forward,
+                                  self.optimizer, self.total_steps,
+                                  self.warmup, devices.AXIS),
         axis_name=devices.AXIS, donate_argnums=(0,))
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, 'checkpoints'),
@@ -324,10 +324,6 @@ class PretrainExperiment:
     self._base_rng = jax.random.PRNGKey(config.seed + 1)
     # The replicated TrainState; set by `restore_or_init`, advanced by `step`.
     self.state = None
-    # Built on first use by `evaluate` and `diagnostics`.
-    self._classify = None
-    self._fixed_batch = None
-    self._diagnose = None
 
   def _sample_images(self):
     s = self.config.data.image_size
@@ -343,7 +339,7 @@ class PretrainExperiment:
     return self._init(devices.replicate(rng), images)
 
   def bn_init_batch(self) -> np.ndarray:
-    """The augmented, normalized batch of the BN-init pass, on every device."""
+    """The augmented batch of the BN-init pass, on every device."""
     c = self.config
     images = augmented_batch(
         c, c.model.bn_init_batch_size, data_seed=c.seed + 2,
@@ -392,71 +388,6 @@ class PretrainExperiment:
     rng = devices.replicate(jax.random.fold_in(self._base_rng, step))
     self.state, logs = self._update(self.state, batch, rng)
     return logs
-
-  def evaluate(self) -> Dict[str, float]:
-    """The online classifier's TEST accuracy, over every TEST example once.
-
-    DeepMind's `evaluate`: the linear classifier trained online on
-    stop_gradient(embedding) reads the online network in inference mode.
-    """
-    c = self.config
-    if not dataset_lib.has_labels(c.data.dataset, c.data.data_dir or None):
-      return {}  # an unlabelled folder has no TEST split
-    if self._classify is None:
-      forward = model.make_forward(c, self.num_classes, axis_name=None)
-      normalize = functools.partial(dataset_lib.normalize,
-                                    dataset=c.data.dataset,
-                                    data_dir=c.data.data_dir or None)
-      self._classify = lambda p, s, x: forward.apply(
-          p, s, None, normalize(x), False)[0]['logits']
-    params, state = devices.unreplicate(
-        (self.state.online_params, self.state.online_state))
-    logits, labels = inference.extract_features(
-        self._classify, params, state, dataset=c.data.dataset,
-        split=dataset_lib.Split.TEST, image_size=c.data.image_size,
-        batch_size=c.training.eval_batch_size,
-        data_dir=c.data.data_dir or None)
-    top5 = np.argsort(-logits, axis=-1)[:, :5]
-    counts = np.array([np.sum(top5[:, 0] == labels),
-                       np.sum(np.any(top5 == labels[:, None], axis=-1)),
-                       len(labels)], np.float64)
-    if jax.process_count() > 1:  # each process read its own shard
-      counts = multihost_utils.process_allgather(counts).sum(0)
-    return {'eval_top1_accuracy': counts[0] / counts[2],
-            'eval_top5_accuracy': counts[1] / counts[2]}
-
-  def diagnostics(self, state: Optional[TrainState] = None
-                  ) -> Dict[str, float]:
-    """Collapse measures of the online network on a fixed batch.
-
-    The batch: the first `training.diagnostics_batch_size` images of the
-    training set, centre-cropped, unaugmented, the same at every call and on
-    every process. See `byol.diagnostics`.
-
-    Args:
-      state: a replicated TrainState (default: the current one).
-    """
-    state = self.state if state is None else state
-    c = self.config
-    if self._fixed_batch is None:
-      n = self.local_devices
-      per_device = max(1, c.training.diagnostics_batch_size // n)
-      batch = next(dataset_lib.load(
-          dataset_lib.Split.TRAIN_AND_VALID,
-          preprocess_mode=dataset_lib.PreprocessMode.EVAL,
-          batch_dims=[n, per_device], dataset=c.data.dataset,
-          image_size=c.data.image_size, data_dir=c.data.data_dir or None,
-          process_index=0, process_count=1))
-      self._fixed_batch = jax.device_put(
-          dataset_lib.normalize(batch['images'], dataset=c.data.dataset,
-                                data_dir=c.data.data_dir or None),
-          devices.local_mesh_sharding())
-      self._diagnose = jax.pmap(
-          diagnostics.make_diagnostics_fn(self.forward, devices.AXIS),
-          axis_name=devices.AXIS)
-    features = self._diagnose(state.online_params, state.online_state,
-                              self._fixed_batch)
-    return diagnostics.summarize(devices.unreplicate(features))
 
   def save(self, step: int) -> None:
     """Checkpoints the current state as that of `step`."""

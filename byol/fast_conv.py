@@ -4,7 +4,7 @@
 `jax.lax.conv_general_dilated(x, w, stride, padding,
 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`; only its weight gradient is
 computed differently, for two costs measured in the `local` BYOL step on
-XLA:CPU (a profile of the step; see README, Performance):
+XLA:CPU (a profile of the step; see docs/performance.md):
 
 * For 1x1 kernels the weight gradient is a single matrix product of the
   (strided) input and the output gradient, both [N*Ho*Wo, channels]: 7x

@@ -183,7 +183,7 @@ class ResNet(hk.Module):
         affects norms with a scale (not `none`).
       fast_conv: convolve with `byol.fast_conv.conv2d`: the same function and
         gradients (to float32 rounding), with a backward pass that XLA:CPU
-        runs faster (README, "Performance").
+        runs faster (docs/performance.md).
       bn_decay: BatchNorm moving-average decay.
       bn_eps: BatchNorm epsilon.
       gn_eps: GroupNorm / LayerNorm epsilon.

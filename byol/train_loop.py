@@ -4,8 +4,9 @@ The role of DeepMind BYOL's `main_loop.train_loop`: the experiment
 (`byol/experiment.py`) holds the state and knows how to initialise, restore,
 advance and save it; this module owns everything around that -- the workdir
 (config check on resume, config.json, metrics.jsonl and TensorBoard events,
-summary.json), the progress line, the finiteness check before a checkpoint,
-and stopping cleanly on SIGTERM (preemption) or Ctrl-C.
+summary.json), the evaluators of `config.evaluators.schedule` (built by name,
+`byol/evaluation/registry.py`), the progress line, the finiteness check
+before a checkpoint, and stopping cleanly on SIGTERM (preemption) or Ctrl-C.
 
 Workdir files are checked before anything is written, so bad input (a config
 that differs from the checkpointed run's, a damaged config.json or
@@ -17,7 +18,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -26,20 +27,16 @@ import numpy as np
 from byol import dataset as dataset_lib
 from byol import devices
 from byol import files
+from byol import metrics as metrics_lib
 from byol.errors import ConfigError, UserError
-
-def format_duration(seconds: float) -> str:
-  """'1h05m' or '4m07s': a duration for progress lines."""
-  seconds = int(max(0, seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
-
+from byol.evaluation import registry
 
 # Fields that may change when a run is resumed: they do not change its result.
 RESUMABLE_FIELDS = ('training.log_every_steps', 'training.checkpoint_every_steps',
-                    'training.keep_checkpoints', 'training.eval_every_steps',
-                    'training.eval_batch_size',
+                    'training.keep_checkpoints',
+                    # What is measured, not what is trained (the last three:
+                    # the evaluators' settings before `evaluators`).
+                    'training.eval_every_steps', 'training.eval_batch_size',
                     'training.diagnostics_batch_size',
                     # How the step is arranged for the hardware, not what it
                     # computes (the same function up to float rounding):
@@ -50,7 +47,7 @@ RESUMABLE_FIELDS = ('training.log_every_steps', 'training.checkpoint_every_steps
 # the global batch is split and which process reads which shard (so a resumed
 # run on another number of processes is a faithful continuation, though not a
 # bit-identical one).
-RESUMABLE_PREFIXES = ('distributed.',)
+RESUMABLE_PREFIXES = ('distributed.', 'evaluators.')
 
 
 def _flatten_config(d, prefix=''):
@@ -70,95 +67,6 @@ def config_differences(old: dict, new: dict):
   keys = sorted(set(a) | set(b))
   return [k for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
           and not k.startswith(RESUMABLE_PREFIXES)]
-
-
-METRICS_REMEDY = ('move it aside to start a new log, or use another '
-                  '--workdir')
-
-
-def metrics_to_keep(path: str, step: int) -> Optional[list]:
-  """The lines of a metrics.jsonl to keep when resuming from `step`.
-
-  Records of steps after `step` (left by a run killed after its last
-  checkpoint) go, so that the resumed run's records replace them instead of
-  repeating them; so does a last line cut short by a kill mid-write.
-
-  Returns:
-    The lines to keep, or None when the file is absent or keeps every line
-    (it is then left untouched).
-
-  Raises:
-    UserError: the file cannot be read, or a line other than the last is not
-      a record: a damaged log, which a rewrite would silently shorten.
-  """
-  try:
-    with open(path, encoding='utf-8') as f:
-      lines = f.readlines()
-  except FileNotFoundError:
-    return None
-  except OSError as e:
-    raise UserError(f'cannot read {path}: {e.strerror or e}; '
-                    f'{METRICS_REMEDY}') from None
-  except UnicodeDecodeError:
-    raise UserError(f'{path} is not text (damaged?); {METRICS_REMEDY}'
-                    ) from None
-  keep = []
-  for number, line in enumerate(lines, 1):
-    try:
-      record_step = json.loads(line)['step']
-      if not isinstance(record_step, int):
-        raise TypeError(record_step)
-    except (ValueError, KeyError, TypeError, IndexError):
-      if number == len(lines) and not line.endswith('\n'):
-        continue  # cut short by a kill mid-write
-      raise UserError(f'{path} is garbled at line {number}; '
-                      f'{METRICS_REMEDY}') from None
-    if record_step <= step:
-      keep.append(line)
-  return None if len(keep) == len(lines) else keep
-
-
-class MetricsWriter:
-  """metrics.jsonl + TensorBoard events; a no-op on processes other than 0.
-
-  `keep`: the lines an existing metrics.jsonl is cut down to before new
-  records are appended (see `metrics_to_keep`); None leaves it as it is.
-  """
-
-  def __init__(self, workdir: str, enabled: bool = True,
-               keep: Optional[list] = None):
-    self.enabled = enabled
-    self._tb = None
-    if not enabled:
-      return
-    path = os.path.join(workdir, 'metrics.jsonl')
-    if keep is not None:
-      files.write_text(path, ''.join(keep))
-    self._jsonl = open(path, 'a')
-    try:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tb = tf.summary.create_file_writer(workdir)
-    except Exception:  # pylint: disable=broad-except
-      self._tb = None  # TensorBoard is a convenience; metrics.jsonl is not.
-
-  def write(self, step: int, scalars: Dict[str, float]):
-    if not self.enabled:
-      return
-    record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
-    if self._tb is not None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      with self._tb.as_default():
-        for k, v in scalars.items():
-          tf.summary.scalar(k, float(v), step=int(step))
-      self._tb.flush()
-
-  def close(self):
-    if self.enabled:
-      self._jsonl.close()
-      if self._tb is not None:
-        self._tb.close()
 
 
 class Preempted(Exception):
@@ -254,9 +162,9 @@ def train(exp) -> Dict[str, Any]:
   """Runs (or resumes) pretraining to the end; returns the summary.
 
   Args:
-    exp: a `PretrainExperiment` (or anything with its `config`, `workdir`,
-      `print`, `is_chief`, `total_steps`, `checkpointer`, `restore_or_init`,
-      `input`, `step`, `save` and `summary`).
+    exp: a `PretrainExperiment` (or anything with its `config`, `network`,
+      `workdir`, `print`, `is_chief`, `total_steps`, `checkpointer`,
+      `restore_or_init`, `input`, `step`, `save` and `summary`).
 
   Raises:
     Preempted: after SIGTERM or Ctrl-C, once the step reached is saved.
@@ -265,6 +173,7 @@ def train(exp) -> Dict[str, Any]:
   """
   check_workdir(exp.workdir, exp.config,
                 exp.checkpointer.latest_step() is not None)
+  evaluators = registry.build_schedule(exp.config, exp.network)
   start = exp.restore_or_init()
   if start >= exp.total_steps:
     return finished_summary(exp, start)
@@ -275,7 +184,8 @@ def train(exp) -> Dict[str, Any]:
     inputs = exp.input(start)
     inputs = itertools.chain([next(inputs)], inputs)
   metrics_path = os.path.join(exp.workdir, 'metrics.jsonl')
-  keep = metrics_to_keep(metrics_path, start) if exp.is_chief else None
+  keep = (metrics_lib.metrics_to_keep(metrics_path, start) if exp.is_chief
+          else None)
   # Nothing is written before this point.
   if exp.is_chief:
     files.write_text(os.path.join(exp.workdir, 'config.json'),
@@ -283,10 +193,11 @@ def train(exp) -> Dict[str, Any]:
     # A tfds:/tfds_dir:/folder: source: its files, splits and statistics.
     dataset_lib.write_manifest(exp.config.data.dataset,
                                exp.config.data.data_dir, exp.workdir)
-  writer = MetricsWriter(exp.workdir, enabled=exp.is_chief, keep=keep)
+  writer = metrics_lib.MetricsWriter(exp.workdir, enabled=exp.is_chief,
+                                     keep=keep)
   try:
     with StopSignals(install=jax.process_count() == 1) as signals:
-      summary = _loop(exp, start, inputs, writer, signals)
+      summary = _loop(exp, start, inputs, writer, signals, evaluators)
   finally:
     writer.close()
   if exp.is_chief:
@@ -314,27 +225,16 @@ def finished_summary(exp, step: int) -> Dict[str, Any]:
     summary = None
   if not isinstance(summary, dict) or summary.get('step') != step:
     summary = dict(exp.summary(), total_steps=exp.total_steps)
-    record = _metrics_record(os.path.join(exp.workdir, 'metrics.jsonl'), step)
+    try:
+      records = metrics_lib.read_metrics(
+          os.path.join(exp.workdir, 'metrics.jsonl'))
+    except UserError:
+      records = []  # the summary is then written without the final losses
+    record = next((r for r in records if r['step'] == step), {})
     summary.update({k: v for k, v in record.items() if k != 'step'})
     if exp.is_chief:
       files.write_json(path, summary)
   return dict(summary, finished_before=True)
-
-
-def _metrics_record(path: str, step: int) -> Dict[str, Any]:
-  """metrics.jsonl's record of `step` ({} when there is none)."""
-  try:
-    with open(path, encoding='utf-8') as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(record, dict) and record.get('step') == step:
-          return record
-  except (OSError, UnicodeDecodeError):
-    pass
-  return {}
 
 
 def _stop_signal(signals: StopSignals, step: int) -> Optional[int]:
@@ -365,7 +265,7 @@ def progress_line(method: str, step: int, total: int, scalars: Dict[str, float],
     parts.append(f'rankme {scalars["rankme_proj"]:.1f}')
   if 'eval_top1_accuracy' in scalars:
     parts.append(f'test top1 {scalars["eval_top1_accuracy"]:.3f}')
-  parts.append(f'{rate:.0f} img/s  ETA {format_duration(eta)}')
+  parts.append(f'{rate:.0f} img/s  ETA {metrics_lib.format_duration(eta)}')
   return '  '.join(parts)
 
 
@@ -384,8 +284,14 @@ def check_finite(scalars, step: int, checkpointer) -> None:
           f'{what} became {scalars[name]} by step {step}; {kept}')
 
 
-def _loop(exp, start: int, inputs: Iterator, writer: MetricsWriter,
-          signals: StopSignals) -> Dict[str, Any]:
+def _due(every: int, done: int, total: int) -> bool:
+  """Whether something run every `every` steps runs after step `done`."""
+  return done % every == 0 or done == total
+
+
+def _loop(exp, start: int, inputs: Iterator,
+          writer: metrics_lib.MetricsWriter, signals: StopSignals,
+          evaluators: List[Tuple[int, str, Any]]) -> Dict[str, Any]:
   c = exp.config.training
   total = exp.total_steps
   global_batch = c.batch_size
@@ -398,9 +304,8 @@ def _loop(exp, start: int, inputs: Iterator, writer: MetricsWriter,
   for step in range(start, total):
     logs = exp.step(next(inputs), step)
     done = step + 1
-    is_eval = c.eval_every_steps > 0 and (done % c.eval_every_steps == 0
-                                          or done == total)
-    is_log = done % c.log_every_steps == 0 or done == total or is_eval
+    due = [e for every, _, e in evaluators if _due(every, done, total)]
+    is_log = _due(c.log_every_steps, done, total) or bool(due)
     is_ckpt = done % c.checkpoint_every_steps == 0 or done == total
     stop = _stop_signal(signals, done)
     if is_log or is_ckpt or stop:
@@ -411,10 +316,11 @@ def _loop(exp, start: int, inputs: Iterator, writer: MetricsWriter,
       rate = (done - last_step) * global_batch / max(now - t_last, 1e-9)
       scalars = {k: float(v) for k, v in scalars.items()}
       scalars['images_per_sec'] = rate
-      if c.diagnostics_batch_size > 0:
-        scalars.update(exp.diagnostics())
-      if is_eval:
-        scalars.update(exp.evaluate())
+      if due:
+        params, state = devices.unreplicate(
+            (exp.state.online_params, exp.state.online_state))
+        for evaluator in due:
+          scalars.update(evaluator.run(params, state))
       writer.write(done, scalars)
       eta = (total - done) * global_batch / max(rate, 1e-9)
       exp.print(progress_line(exp.config.method, done, total, scalars, rate,

@@ -21,7 +21,6 @@ import ml_collections
 import optax
 
 from byol import augmentations
-from byol import dataset as dataset_lib
 from byol import devices
 from byol import diagnostics
 from byol import losses
@@ -82,7 +81,7 @@ def views_forward(forward: hk.TransformedWithState, params, state, rng,
 def loss_fn(online_params, online_state, target_params, target_state, rng,
             inputs, *, forward: hk.TransformedWithState,
             config: ml_collections.ConfigDict, axis_name: Optional[str]):
-  """The loss of one (micro-)batch of augmented, normalised views.
+  """The loss of one (micro-)batch of augmented views.
 
   Returns:
     (loss, (online_state, target_state, logs)); differentiate with respect to
@@ -135,13 +134,14 @@ def example_keys(rng, micro, per_device: int, *, accum: int,
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
 
 
-def micro_step(carry, xs, *, grad_fn: Callable, config, normalize: Callable,
+def micro_step(carry, xs, *, grad_fn: Callable, config,
                axis_name: Optional[str], augment: bool = True):
-  """One micro-batch: augment, normalise, add its gradient to the sum.
+  """One micro-batch: augment, add its gradient to the sum.
 
   A `lax.scan` body: carry = (online_state, target_state, grads_sum,
   online_params, target_params), xs = (inputs, micro-batch index, rng).
-  Without `augment` the views are taken as given (only normalised).
+  Without `augment` the views are taken as given. The network normalises
+  them (`model.Network`).
   """
   online_state, target_state, grads_sum, params, target_params = carry
   inputs, micro, rng = xs
@@ -153,8 +153,6 @@ def micro_step(carry, xs, *, grad_fn: Callable, config, normalize: Callable,
   if augment:
     inputs = augmentations.postprocess(inputs, keys,
                                        config.data.augmentations)
-  inputs = dict(inputs, view1=normalize(inputs['view1']),
-                view2=normalize(inputs['view2']))
   grads, (online_state, target_state, logs) = grad_fn(
       params, online_state, target_params, target_state, fwd_rng, inputs)
   grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
@@ -197,11 +195,11 @@ def make_update_fn(config: ml_collections.ConfigDict,
                    total_steps: int,
                    warmup: int,
                    axis_name: Optional[str] = devices.AXIS,
-                   normalize: Optional[Callable] = None,
                    augment: bool = True):
   """Returns `update(state, inputs, rng) -> (state, scalars)`.
 
-  `state` is an `experiment.TrainState`; `total_steps` and `warmup` are the
+  `forward` is a `model.Network`'s (it normalises the views itself); `state`
+  is an `experiment.TrainState`; `total_steps` and `warmup` are the
   schedule's, as given to `make_optimizer` (the EMA rate reads the first, the
   logged learning rate both). `inputs` holds `view1`, `view2`, `labels` with
   a leading micro-batch axis of length `training.accumulation_steps`. Run it
@@ -219,20 +217,15 @@ def make_update_fn(config: ml_collections.ConfigDict,
   SimCLR's negatives likewise come from the micro-batch only.
 
   With `augment=False` the step skips the on-device augmentations and trains
-  on `view1` and `view2` as given (normalised only): views augmented
+  on `view1` and `view2` as given: views augmented
   elsewhere, or a benchmark of the network step alone.
   """
   t = config.training
-  if normalize is None:
-    normalize = functools.partial(dataset_lib.normalize,
-                                  dataset=config.data.dataset,
-                                  data_dir=config.data.data_dir or None)
   grad_fn = jax.grad(functools.partial(loss_fn, forward=forward,
                                        config=config, axis_name=axis_name),
                      has_aux=True)
   step_fn = functools.partial(micro_step, grad_fn=grad_fn, config=config,
-                              normalize=normalize, axis_name=axis_name,
-                              augment=augment)
+                              axis_name=axis_name, augment=augment)
 
   def update(state, inputs, rng):
     # The batch's layout, checked while tracing (free under jit/pmap): a batch

@@ -14,11 +14,10 @@ number in it picks the epoch preset:
                   (encoder/projector/predictor norms become `affine`).
   simclr          SimCLR instead of BYOL (no predictor, no target network).
   local           the CPU preset: Fashion-MNIST, tiny small-stem ResNet,
-                  predictor learning rate x10 (README, "Collapse at CPU
-                  scale"), minutes on 2 cores, deterministic.
+                  predictor learning rate x10 (docs/collapse.md), minutes on 2 cores, deterministic.
   local_long      `local` for 10 epochs (resumable; ~30 minutes of 2 idle
                   cores): where the learned encoder stands against raw
-                  pixels given more time (README, "Results").
+                  pixels given more time (docs/collapse.md, "10 epochs").
   40|100|300|1000 epoch preset (lr, weight decay, tau_base as DeepMind's BYOL).
 
 Commands (each field can be overridden with --config.FIELD=VALUE):
@@ -162,19 +161,27 @@ def get_config(arg=None):
   # of a (micro-)batch through the network in passes of at most this many
   # images each (0: all 2B in one pass). The same function and gradients up
   # to float rounding; on XLA:CPU, passes of 64 run the `local` GN+WS step
-  # ~15-20% faster than one pass of 512 (README, Performance). BatchNorm
+  # ~15-20% faster than one pass of 512 (docs/performance.md). BatchNorm
   # networks always take one view per pass.
   c.training.images_per_pass = 0
   c.training.log_every_steps = 100
-  # The online classifier's TEST accuracy every N steps and at the end (0: never).
-  c.training.eval_every_steps = 5000
-  c.training.eval_batch_size = 1000  # over this process's devices
-  # Collapse diagnostics (byol/diagnostics.py) at every logging step, on a
-  # fixed batch of this many unaugmented training images (0: off).
-  c.training.diagnostics_batch_size = 512
   c.training.checkpoint_every_steps = 1000
   c.training.keep_checkpoints = 3
   c.training.deterministic_input = False
+
+  # What the training loop measures, and when (byol/evaluation/): each
+  # (every_steps, evaluator) pair runs that evaluator on the online network
+  # every that many steps and after the last step, its results joining that
+  # step's metrics.jsonl record. () measures nothing. Each evaluator's
+  # settings are its block below.
+  c.evaluators = ml_collections.ConfigDict()
+  c.evaluators.schedule = ((100, 'collapse'), (5000, 'online_classifier'))
+  # The online classifier's TEST accuracy, over every TEST example once.
+  c.evaluators.online_classifier = ml_collections.ConfigDict(dict(
+      batch_size=1000))  # over this process's devices
+  # proj_std and RankMe (byol/diagnostics.py) on a fixed batch of this many
+  # unaugmented training images.
+  c.evaluators.collapse = ml_collections.ConfigDict(dict(batch_size=512))
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ''  # host:port; '' -> single process
@@ -185,7 +192,7 @@ def get_config(arg=None):
   # split over them by pmap; BatchNorm keeps the statistics of the whole
   # batch (cross-replica). 0: JAX's default, one CPU device. Same function,
   # other rounding; on 2 cores, 2 devices run the `local` BN step faster
-  # (README, Performance). Ignored by accelerators.
+  # (docs/performance.md). Ignored by accelerators.
   c.distributed.cpu_devices = 0
 
   if 'bn' in variants:
@@ -214,7 +221,7 @@ def _local(c):
     c.model[head].hidden_size = 256
     c.model[head].output_size = 64
     c.model[head].num_groups = 8
-  # XLA:CPU arrangements of the same step (README, Performance): the
+  # XLA:CPU arrangements of the same step (docs/performance.md): the
   # convolution whose backward pass XLA:CPU runs faster (byol/fast_conv.py),
   # and both views in passes of 64 images instead of one of 512. Together
   # 0.65x the GN+WS step time of lax.conv in one pass (interleaved, 2 cores).
@@ -230,10 +237,10 @@ def _local(c):
   c.training.weight_decay = 1e-6
   c.training.tau_base = 0.99
   # Without it, GN+WS projections collapse within ~20 steps at this scale
-  # (README, "Collapse at CPU scale"): a predictor that adapts 10x faster
+  # (docs/collapse.md): a predictor that adapts 10x faster
   # than the rest stays near-optimal, as BYOL's section 5 recommends.
   c.training.predictor_lr_multiplier = 10.0
   c.training.log_every_steps = 20
-  c.training.eval_every_steps = 120
+  c.evaluators.schedule = ((20, 'collapse'), (120, 'online_classifier'))
   c.training.checkpoint_every_steps = 200
   c.training.deterministic_input = True

@@ -157,7 +157,7 @@ def _main(argv, printer) -> int:
             dataset=dataset, smoke=smoke, root=root, results_dir=results_dir,
             max_train=_PROBE_TRAIN.value, max_test=_PROBE_TEST.value,
             command='./run.sh ablation ' + ' '.join(argv), printer=printer,
-            all_rows=ROWS)
+            tag='ablation', all_rows=ROWS)
   return 0
 
 

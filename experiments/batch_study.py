@@ -40,6 +40,7 @@ from byol import dataset as dataset_lib
 from byol import train_loop
 from byol.errors import UserError
 from experiments import study
+from experiments import study_report
 
 DEFAULT_EPOCHS = 1.25
 DEFAULT_BATCHES = (32, 64, 128, 256)
@@ -135,13 +136,13 @@ def summary_section(results: Dict[str, dict]) -> str:
       if not runs:
         row += ['-', '-', '-']
         continue
-      text = study.mean_spread([r['gain_over_init'] for r in runs], 100,
+      text = study_report.mean_spread([r['gain_over_init'] for r in runs], 100,
                                sign=True)
       base = cells.get((n, 256, 1))
       if base and b != 256:
         text += f' [{gain(runs) - gain(base):+.2f}]'
       row += [text,
-              study.mean_spread([r['knn_top1'] - r['init_knn_top1']
+              study_report.mean_spread([r['knn_top1'] - r['init_knn_top1']
                                  for r in runs], 100, sign=True),
               f'{np.mean([images_per_sec(r) for r in runs]):.0f}']
     paper = PAPER_BN.get(b)
@@ -155,10 +156,10 @@ def summary_section(results: Dict[str, dict]) -> str:
     if acc:
       text = (f'- {NORM_LABELS[n]}, batch 256 as {ACCUMULATION} accumulated '
               f'micro-batches of {256 // ACCUMULATION}: gain '
-              f'{study.mean_spread([r["gain_over_init"] for r in acc], 100, sign=True)}')
+              f'{study_report.mean_spread([r["gain_over_init"] for r in acc], 100, sign=True)}')
       if full:
         text += (f' (one batch of 256: '
-                 f'{study.mean_spread([r["gain_over_init"] for r in full], 100, sign=True)}'
+                 f'{study_report.mean_spread([r["gain_over_init"] for r in full], 100, sign=True)}'
                  f'; final loss {np.mean([r["final_loss"] for r in acc]):.4f} vs '
                  f'{np.mean([r["final_loss"] for r in full]):.4f})')
       pairs.append(text + '.')
@@ -280,7 +281,7 @@ def main(argv: Sequence[str], printer=print) -> int:
         dataset=dataset, smoke=smoke, root=root, results_dir=results_dir,
         max_train=_PROBE_TRAIN.value, max_test=-1,
         command='python -m experiments.batch_study ' + ' '.join(argv),
-        printer=printer, name=name,
+        printer=printer, name=name, tag='batch',
         title=f'# BYOL and the batch size: GN+WS against BatchNorm '
         f'({epochs:g} epochs per run, {dataset})', label=label,
         all_rows=ALL_ROWS)
@@ -294,7 +295,7 @@ def main(argv: Sequence[str], printer=print) -> int:
     plot = os.path.join(results_dir, f'{name}_{dataset}_by_batch.png')
     write_gain_plot(plot, results)
     printer(section)
-    printer(f'[{name}] wrote {plot}')
+    printer(f'[batch] wrote {plot}')
     return 0
   except (flags.Error, UserError) as e:
     print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)

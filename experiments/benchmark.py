@@ -268,9 +268,10 @@ def time_step(config, after_step=None, augment=True):
   batch = {'view1': rng.uniform(size=shape).astype(np.float32),
            'view2': rng.uniform(size=shape).astype(np.float32),
            'labels': rng.randint(0, 10, size=shape[:3]).astype(np.int32)}
-  forward = model.make_forward(config, 10, devices.AXIS)
+  network = model.Network(config, devices.AXIS)
+  forward = network.forward
   optimizer = update_lib.make_optimizer(config, 1000, 10)
-  init = jax.pmap(experiment.make_init_fn(config, forward, optimizer),
+  init = jax.pmap(experiment.make_init_fn(network, optimizer),
                   axis_name=devices.AXIS, devices=local)
   update = jax.pmap(
       update_lib.make_update_fn(config, forward, optimizer, 1000, 10,

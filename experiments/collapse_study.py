@@ -120,7 +120,7 @@ def main(argv: Sequence[str], printer=print) -> int:
             study.ROOT, 'experiments', 'results'),
         max_train=_PROBE_TRAIN.value, max_test=-1,
         command='python -m experiments.collapse_study ' + ' '.join(argv),
-        printer=printer, name=f'collapse_study_{epochs:g}ep',
+        printer=printer, name=f'collapse_study_{epochs:g}ep', tag='collapse',
         title=f'# Collapse study: GN+WS BYOL at CPU scale ({epochs:g} epochs '
         f'per run, {dataset})', label=label, all_rows=ROWS)
     return 0

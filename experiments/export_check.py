@@ -24,7 +24,7 @@ import torch
 
 from byol import dataset as dataset_lib
 from byol import files
-from byol.evaluation import features as features_lib
+from byol import model
 from byol.evaluation import probe
 from byol.evaluation import sources
 from byol.export import exporter
@@ -38,7 +38,7 @@ _OUT = flags.DEFINE_string('out', None, 'Export folder (default: a '
 
 def encode_all(config, params, state, models, split):
   """Features of every example of `split`: project's and each torch model's."""
-  embed = jax.jit(features_lib.make_embed_fn(config))
+  embed = jax.jit(model.Network(config, axis_name=None).embed)
   mean, std = dataset_lib.normalization_stats(config.data.dataset)
   feats = {name: [] for name in ['project'] + list(models)}
   labels = []

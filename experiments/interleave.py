@@ -45,9 +45,10 @@ def build(name):
   batch = {'view1': rng.uniform(size=(1, b, s, s, 3)).astype(np.float32),
            'view2': rng.uniform(size=(1, b, s, s, 3)).astype(np.float32),
            'labels': rng.randint(0, 10, size=(1, b)).astype(np.int32)}
-  forward = model.make_forward(c, 10, axis_name=None)
+  network = model.Network(c, axis_name=None)
+  forward = network.forward
   optimizer = update_lib.make_optimizer(c, 1000, 10)
-  init = jax.jit(experiment.make_init_fn(c, forward, optimizer))
+  init = jax.jit(experiment.make_init_fn(network, optimizer))
   update = jax.jit(update_lib.make_update_fn(
       c, forward, optimizer, 1000, 10, axis_name=None,
       augment=benchmark.augments(name)), donate_argnums=(0,))

@@ -48,8 +48,10 @@ from byol import devices
 from byol import eval_experiment
 from byol import experiment
 from byol import files
+from byol import model
 from byol import train_loop
 from byol.errors import UserError
+from byol.evaluation import sources
 from configs import byol as byol_config
 from configs import eval as eval_config
 from experiments import study
@@ -96,8 +98,7 @@ def pretrain_config(dataset: str, epochs: float, smoke: bool):
   c.training.checkpoint_every_steps = 100
   if smoke:
     c.update_from_flattened_dict(dict(study.SMOKE_OVERRIDES))
-    c.training.eval_every_steps = 0
-    c.training.diagnostics_batch_size = 32
+    c.evaluators.schedule = ()  # nothing measured during the tiny runs
   c.lock()
   return c
 
@@ -180,7 +181,7 @@ def run_linear_on_subset(config, workdir: str, fraction: float,
   from byol.evaluation import linear as linear_lib  # pylint: disable=g-import-not-at-top
   from byol.evaluation import loop  # pylint: disable=g-import-not-at-top
   from byol.evaluation import lowlabel  # pylint: disable=g-import-not-at-top
-  pretrain, params, state, step = eval_experiment.load_pretrained(workdir)
+  pretrain, params, state, step = sources.load_pretrained(workdir)
   data = loop.resolve_data(config, pretrain)
   if fraction < 1:
     labels = lowlabel._train_labels(data)  # pylint: disable=protected-access
@@ -189,7 +190,7 @@ def run_linear_on_subset(config, workdir: str, fraction: float,
     data = data._replace(subset=tuple(int(i) for i in subset))
   t = config.training
   evaluator = linear_lib.LinearEvaluator(
-      eval_experiment.make_embed_fn(pretrain),
+      model.Network(pretrain).single_device().embed,
       num_classes=dataset_lib.num_classes(data.dataset, data.data_dir),
       data=data, batch_size=t.batch_size, epochs=t.epochs,
       max_steps=t.max_steps, base_lrs=tuple(t.lr_grid), momentum=t.momentum,

@@ -20,7 +20,7 @@ that `experiments/benchmark.py --torch_python=...` can time both side by side:
 * channels-last tensors, float32.
 
 The views are fixed random tensors: the augmentations are not part of it (the
-JAX step also augments on the device; see README, Performance).
+JAX step also augments on the device; see docs/performance.md).
 
 It runs with a Python that has PyTorch (and NumPy); it never imports JAX.
 

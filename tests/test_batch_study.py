@@ -5,6 +5,7 @@ import json
 import pytest
 
 from byol import experiment
+from byol import metrics
 from experiments import batch_study
 from experiments import study
 
@@ -85,7 +86,8 @@ def test_finished_runs_are_kept_as_records_and_read_back(tmp_path):
   (root / run / 'metrics.jsonl').write_text('{"step": 1, "loss": 1.0}\n')
   study.keep_record(run, str(root), str(record))
   assert json.loads((record / run / study.ROW_SUMMARY).read_text()) == summary
-  assert study.read_metrics(str(record / run))[0]['loss'] == 1.0
+  assert metrics.read_metrics(str(record / run / 'metrics.jsonl'))[0][
+      'loss'] == 1.0
   # With the workdir gone (another machine), the record answers.
   (root / run / study.ROW_SUMMARY).unlink()
   found = study.load_finished(str(root), [row], seeds=[0, 1],

@@ -32,7 +32,7 @@ def _assert_outputs_close(got, expected):
 
 
 def _forward(config):
-  return model.make_forward(config, 10, axis_name=None)
+  return model.Network(config, axis_name=None).forward
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,7 +68,7 @@ def converted():
   images = _images()
   key = jax.random.PRNGKey(3)
   params, state = jax.jit(
-      lambda k, x: bn_init.bn_initialised_params(config, _forward, k, x))(
+      lambda k, x: bn_init.bn_initialised_params(config, k, x))(
           key, images)
   # The BatchNorm network the conversion started from (same key, same
   # weights; the statistics network differs only in its moving-average decay).
@@ -112,7 +112,7 @@ def test_folding_uses_gamma_and_beta():
             rng.uniform(0.5, 1.5, shape) if leaf == 'scale'
             else rng.randn(*shape), jnp.float32)
   expected, bn_state = _apply(stats_config, bn_params, bn_state, images)
-  affine = bn_init.affine_config(config)
+  affine = model.network_config(config)
   template, state = _init(affine, key, images)
   params = bn_init.convert_bn_to_affine(bn_params, bn_state, template,
                                         config.model.bn_eps)
@@ -164,7 +164,7 @@ def test_bn_init_config_pretrains(tmp_path):
   config = tiny_config('local,bn_init', **{
       'training.max_steps': 2, 'training.log_every_steps': 1,
       'training.checkpoint_every_steps': 2, 'model.bn_init_batch_size': 32,
-      'training.eval_every_steps': 0, 'training.diagnostics_batch_size': 0})
+      'evaluators.schedule': ()})
   exp = experiment.PretrainExperiment(config, str(tmp_path),
                                       printer=lambda _: None)
   summary = train_loop.train(exp)

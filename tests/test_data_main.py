@@ -23,7 +23,7 @@ TINY = [
     '--config.model.predictor.num_groups=4',
     '--config.data.image_size=16',
     '--config.training.batch_size=8',
-    '--config.training.diagnostics_batch_size=8',
+    '--config.evaluators.collapse.batch_size=8',
 ]
 
 
@@ -83,7 +83,8 @@ def test_pretrain_and_evaluate_a_folder(tmp_path):
   name = f'folder:{images}'
   result = run_main([*TINY, f'--config.data.dataset={name}',
                      '--config.training.max_steps=3',
-                     '--config.training.eval_every_steps=3'], workdir)
+                     "--config.evaluators.schedule=((3, 'collapse'), (3, 'online_classifier'))"],
+                    workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(workdir / 'summary.json') as f:
     summary = json.load(f)

@@ -20,8 +20,8 @@ from byol import checkpointing
 from byol import dm_checkpoint
 from byol import eval_experiment
 from byol import experiment
+from byol import model
 from byol import train_loop
-from byol.evaluation import features
 from configs import byol as byol_config
 from configs import eval as eval_config
 from test_experiment import tiny_config
@@ -177,7 +177,7 @@ def test_small_resnet_imports_evaluates_and_resumes(imported, small_config):
   assert int(restored.step) == SMALL_STEP
 
   # Evaluation-mode embeddings equal the source parameters' forward.
-  embed = jax.jit(features.make_embed_fn(small_config))
+  embed = jax.jit(model.Network(small_config, axis_name=None).embed)
   images = np.random.RandomState(1).uniform(size=(4, 16, 16, 3)).astype(
       np.float32)
   want = np.asarray(embed(state.online_params, state.online_state, images))
@@ -257,7 +257,7 @@ def test_resnet50_with_deepmind_head_names_loads(tmp_path, deepmind_modules):
   assert 'projector/batch_norm' in online and 'predictor/batch_norm' in online
   loaded = dm_checkpoint.to_train_state(data, config, path)
   _assert_same_state(state, loaded)
-  embed = jax.jit(features.make_embed_fn(config))
+  embed = jax.jit(model.Network(config, axis_name=None).embed)
   images = np.random.RandomState(0).uniform(size=(2, 32, 32, 3)).astype(
       np.float32)
   want = np.asarray(embed(state.online_params, state.online_state, images))

@@ -30,8 +30,8 @@ import pytest
 from byol import checkpointing
 from byol import dm_checkpoint
 from byol import experiment
+from byol import model
 from byol import train_loop
-from byol.evaluation import features
 from test_dm_checkpoint import random_state
 from test_dm_checkpoint import resnet50_config
 from test_experiment import tiny_config
@@ -153,7 +153,7 @@ def source():
 @pytest.fixture(scope='module')
 def embed():
   # One compilation for every fixture: they share the network's shapes.
-  return jax.jit(features.make_embed_fn(small_config()))
+  return jax.jit(model.Network(small_config(), axis_name=None).embed)
 
 
 @pytest.mark.parametrize('version', sorted(EXPECTED_GLOBALS))
@@ -207,8 +207,7 @@ def test_resumed_pretraining_continues_at_the_files_step_with_its_momentum(
     tmp_path, source):
   # Logged every step; no evaluation or diagnostics (only the steps cost).
   config = tiny_config('local,bn', **SMALL_OVERRIDES, **{
-      'training.log_every_steps': 1, 'training.eval_every_steps': 0,
-      'training.diagnostics_batch_size': 0})
+      'training.log_every_steps': 1, 'evaluators.schedule': ()})
   workdir = str(tmp_path / 'run')
   step = dm_checkpoint.import_to_workdir(fixture('0.3.2'), config, workdir,
                                          printer=lambda _: None)

@@ -19,9 +19,12 @@ from byol import experiment
 from byol import model
 from byol import update
 from byol.errors import ConfigError
+from byol.evaluation import features as features_lib
 from byol.evaluation import finetune
 from byol.evaluation import linear
 from byol.evaluation import loop
+from byol.evaluation import probe
+from byol.evaluation import sources
 from configs import eval as eval_config
 from test_experiment import tiny_config
 
@@ -37,10 +40,10 @@ def test_topk_accuracy_on_known_inputs():
                      [0.8, 0.1, 0.3, 0.2],   # ranks 0, 2, 3, 1
                      [0.2, 0.3, 0.4, 0.1]])  # ranks 2, 1, 0, 3
   labels = np.array([1, 3, 3])
-  assert eval_experiment.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
-  assert eval_experiment.topk_accuracy(logits, labels, 2) == pytest.approx(1 / 3)
-  assert eval_experiment.topk_accuracy(logits, labels, 3) == pytest.approx(2 / 3)
-  assert eval_experiment.topk_accuracy(logits, labels, 4) == pytest.approx(1.0)
+  assert loop.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+  assert loop.topk_accuracy(logits, labels, 2) == pytest.approx(1 / 3)
+  assert loop.topk_accuracy(logits, labels, 3) == pytest.approx(2 / 3)
+  assert loop.topk_accuracy(logits, labels, 4) == pytest.approx(1.0)
 
 
 def test_knn_weighted_votes_on_a_toy_problem():
@@ -52,7 +55,7 @@ def test_knn_weighted_votes_on_a_toy_problem():
   # k=3: one close neighbour of class 0 against two farther ones of class 1.
   # A sharp temperature lets the close one win; a flat one, the majority.
   for temperature, winner in ((0.05, 0), (10.0, 1)):
-    scores = eval_experiment.knn_predict(train_x, train_y, query, 3, k=3,
+    scores = probe.knn_predict(train_x, train_y, query, 3, k=3,
                                          temperature=temperature)
     weights = np.exp((np.cos(angles[:3]) - 1.0) / temperature)
     expected = np.array([weights[0], weights[1] + weights[2], 0.0])
@@ -65,9 +68,9 @@ def test_knn_weighted_votes_on_a_toy_problem():
   ty = np.repeat([0, 1], 50)
   qx = np.repeat(centres, 20, 0) + 0.1 * rng.randn(40, 3)
   qy = np.repeat([0, 1], 20)
-  scores = eval_experiment.knn_predict(tx, ty, qx, 2, k=200, chunk=16)
+  scores = probe.knn_predict(tx, ty, qx, 2, k=200, chunk=16)
   assert scores.shape == (40, 2)
-  assert eval_experiment.topk_accuracy(scores, qy, 1) == 1.0
+  assert loop.topk_accuracy(scores, qy, 1) == 1.0
 
 
 def test_logistic_regression_on_a_separable_problem():
@@ -75,18 +78,18 @@ def test_logistic_regression_on_a_separable_problem():
   teacher = rng.randn(20, 5)
   x = rng.randn(3000, 20) * rng.uniform(0.1, 10.0, size=20)  # mixed scales
   y = np.argmax(x @ teacher, -1)
-  predict = eval_experiment.fit_logistic_regression(x[:2000], y[:2000], 5,
+  predict = probe.fit_logistic_regression(x[:2000], y[:2000], 5,
                                                     l2=1e-5, iterations=200)
-  train_acc = eval_experiment.topk_accuracy(predict(x[:2000]), y[:2000], 1)
-  test_acc = eval_experiment.topk_accuracy(predict(x[2000:]), y[2000:], 1)
+  train_acc = loop.topk_accuracy(predict(x[:2000]), y[:2000], 1)
+  test_acc = loop.topk_accuracy(predict(x[2000:]), y[2000:], 1)
   assert train_acc > 0.99, train_acc
   assert test_acc > 0.95, test_acc
 
 
 def _linear_run(lrs, steps=6, dim=12, classes=4, batch=32, seed=0):
   """A few jitted lr-grid steps on a fixed random problem."""
-  fns = eval_experiment.make_linear_eval_fns(
-      eval_experiment.pixels_embed, classes, lrs, steps, 0.9, axis_name=None)
+  fns = linear.make_linear_eval_fns(
+      features_lib.pixels_embed, classes, lrs, steps, 0.9, axis_name=None)
   rng = np.random.RandomState(seed)
   images = rng.randn(steps, batch, 2, 2, dim // 4).astype(np.float32)
   labels = rng.randint(0, classes, size=(steps, batch)).astype(np.int32)
@@ -139,9 +142,9 @@ def tiny_workdir(tmp_path_factory):
   """A pretraining workdir: config.json + the checkpoint of an initial state."""
   workdir = str(tmp_path_factory.mktemp('pretrain'))
   config = tiny_config('local')
-  forward = model.make_forward(config, 10, axis_name=None)
   init = jax.jit(experiment.make_init_fn(
-      config, forward, update.make_optimizer(config, 2, 0)))
+      model.Network(config, axis_name=None),
+      update.make_optimizer(config, 2, 0)))
   state = init(jax.random.PRNGKey(0), np.zeros((2, 16, 16, 3), np.float32))
   checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')).save(
       0, jax.tree.map(np.asarray, state))
@@ -199,7 +202,7 @@ def test_linear_eval_selects_on_valid_and_reports_test(tiny_workdir):
 def test_selection_never_looks_at_test():
   Split = dataset.Split  # pylint: disable=invalid-name
   evaluator = linear.LinearEvaluator(
-      eval_experiment.pixels_embed, num_classes=10,
+      features_lib.pixels_embed, num_classes=10,
       data=loop.DataSpec('fashion_mnist', 8, None), batch_size=256, epochs=1,
       max_steps=1, base_lrs=(0.4, 0.1, 0.05), momentum=0.9,
       train_split=Split.TRAIN, head_init='zeros', log_every_steps=1, seed=0)
@@ -214,7 +217,7 @@ def test_selection_never_looks_at_test():
   assert result['selected_on'] == 'VALID'
   # One rate on TRAIN_AND_VALID: no VALID pass at all, that head's TEST.
   one = linear.LinearEvaluator(
-      eval_experiment.pixels_embed, num_classes=10,
+      features_lib.pixels_embed, num_classes=10,
       data=loop.DataSpec('fashion_mnist', 8, None), batch_size=256, epochs=1,
       max_steps=1, base_lrs=(0.2,), momentum=0.9,
       train_split=Split.TRAIN_AND_VALID, head_init='haiku', log_every_steps=1,
@@ -274,7 +277,7 @@ def test_dm_protocol_one_head_on_train_and_valid(tiny_workdir):
 
 @pytest.mark.slow
 def test_finetune_moves_the_encoder_and_lowers_the_loss(tiny_workdir):
-  pretrain_config, params, state, _ = eval_experiment.load_pretrained(
+  pretrain_config, params, state, _ = sources.load_pretrained(
       tiny_workdir)
   config = _eval_config('local,finetune', **{
       'training.batch_size': 64, 'training.max_steps': 10,
@@ -282,7 +285,7 @@ def test_finetune_moves_the_encoder_and_lowers_the_loss(tiny_workdir):
       'training.log_every_steps': 1})
   records = []
   evaluator = finetune.FineTuneEvaluator.from_config(
-      config, pretrain_config, printer=lambda _: None,
+      config, model.Network(pretrain_config), printer=lambda _: None,
       metrics=records.append)
   result = evaluator.run(params, state)
   losses = [r['loss'] for r in records]
@@ -321,7 +324,7 @@ def test_fast_probe_from_the_command_line(tiny_workdir):
 
 
 def test_a_workdir_without_a_run_is_a_user_error(tmp_path):
-  with pytest.raises(eval_experiment.EvalError, match='config.json'):
+  with pytest.raises(sources.EvalError, match='config.json'):
     eval_experiment.run(_eval_config('fast'), str(tmp_path))
 
 
@@ -329,7 +332,7 @@ def test_a_config_no_network_can_be_built_from_is_a_user_error(tmp_path):
   config = json.loads(tiny_config('local').to_json_best_effort())
   config['model']['encoder']['norm'] = 'banana'
   (tmp_path / 'config.json').write_text(json.dumps(config))
-  with pytest.raises(eval_experiment.EvalError,
+  with pytest.raises(sources.EvalError,
                      match=r'config\.json is not the config .*model\.encoder'):
     eval_experiment.run(_eval_config('fast'), str(tmp_path))
   assert os.listdir(tmp_path) == ['config.json']
@@ -338,34 +341,35 @@ def test_a_config_no_network_can_be_built_from_is_a_user_error(tmp_path):
 @pytest.mark.slow
 def test_batchnorm_statistics_are_calibrated_before_probing_an_init_net():
   config = tiny_config('local,bn')
-  forward = model.make_forward(config, 10, axis_name=None)
   init = jax.jit(experiment.make_init_fn(
-      config, forward, update.make_optimizer(config, 2, 0)))
+      model.Network(config, axis_name=None),
+      update.make_optimizer(config, 2, 0)))
   # As PretrainExperiment does: Haiku's init pass runs on zero images.
   state = init(jax.random.PRNGKey(0), np.zeros((2, 16, 16, 3), np.float32))
-  embed = jax.jit(eval_experiment.make_embed_fn(config))
+  embed = jax.jit(model.Network(config, axis_name=None).embed)
   images = np.random.RandomState(0).uniform(size=(8, 16, 16, 3)).astype(
       np.float32)
   before = np.asarray(embed(state.online_params, state.online_state, images))
   # Variances of ~0 make every BatchNorm multiply by ~1/sqrt(eps).
   assert not np.all(np.abs(before) < 1e4)
-  calibrated = eval_experiment.calibrate_batchnorm(
-      config, state.online_params, state.online_state, num_batches=2,
+  calibrated = features_lib.calibrate_batchnorm(
+      model.Network(config), state.online_params, state.online_state, num_batches=2,
       batch_size=32)
   after = np.asarray(embed(state.online_params, calibrated, images))
   assert np.all(np.isfinite(after)) and np.abs(after).max() < 100
   assert np.abs(after).max() > 1e-3
   # A network without BatchNorm is left as it is.
   gn = tiny_config('local')
-  assert eval_experiment.calibrate_batchnorm(gn, {}, {'x': 1}) == {'x': 1}
+  assert features_lib.calibrate_batchnorm(
+      model.Network(gn), {}, {'x': 1}) == {'x': 1}
 
 
 def test_linear_eval_steps_compile_once_over_batches():
   """The lr-grid train and eval steps, and an encoder's embed function, each
   traced once over several batches of one shape."""
   lrs = (0.8, 0.2)
-  fns = eval_experiment.make_linear_eval_fns(
-      eval_experiment.pixels_embed, 4, lrs, 6, 0.9, axis_name=None)
+  fns = linear.make_linear_eval_fns(
+      features_lib.pixels_embed, 4, lrs, 6, 0.9, axis_name=None)
   train = jax.jit(chex.assert_max_traces(fns.train_step, n=1))
   evaluate = jax.jit(chex.assert_max_traces(fns.eval_step, n=1))
   rng = np.random.RandomState(1)
@@ -387,11 +391,11 @@ def test_linear_eval_steps_compile_once_over_batches():
   chex.assert_shape(heads['w'], (len(lrs), 12, 4))
 
   config = tiny_config('local')
-  forward = model.make_forward(config, 10, axis_name=None)
+  forward = model.Network(config, axis_name=None).forward
   params, state = jax.jit(forward.init, static_argnums=2)(
       jax.random.PRNGKey(0), np.zeros((2, 8, 8, 3), np.float32), True)
   embed = jax.jit(chex.assert_max_traces(
-      eval_experiment.make_embed_fn(config), n=1))
+      model.Network(config, axis_name=None).embed, n=1))
   for seed in range(3):
     images = np.random.RandomState(seed).uniform(
         size=(4, 8, 8, 3)).astype(np.float32)

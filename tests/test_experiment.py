@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol import dataset as dataset_lib
 from byol import devices
 from byol import experiment
 from byol import model
@@ -59,12 +58,13 @@ def fixed_batch(num_devices, accum=1, per_device=None, seed=0):
 def compiled(variant, method, num_devices):
   """(init, update, config), pmapped over `num_devices`; cached per variant."""
   config = tiny_config(variant, method=method)
-  forward = model.make_forward(config, 10, devices.AXIS)
+  network = model.Network(config, devices.AXIS)
+  forward = network.forward
   total = config.training.max_steps
   warmup = experiment.warmup_steps(config)
   optimizer = update_lib.make_optimizer(config, total, warmup)
   local = jax.local_devices()[:num_devices]
-  init = jax.pmap(experiment.make_init_fn(config, forward, optimizer),
+  init = jax.pmap(experiment.make_init_fn(network, optimizer),
                   axis_name=devices.AXIS, devices=local)
   update = jax.pmap(
       update_lib.make_update_fn(config, forward, optimizer, total, warmup),
@@ -75,9 +75,10 @@ def compiled(variant, method, num_devices):
 def jitted(config):
   """(init, update) of `config` under jit on one device, 20 total steps, no
   warm-up."""
-  forward = model.make_forward(config, 10, axis_name=None)
+  network = model.Network(config, axis_name=None)
+  forward = network.forward
   optimizer = update_lib.make_optimizer(config, 20, 0)
-  init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
+  init = jax.jit(experiment.make_init_fn(network, optimizer))
   update = jax.jit(update_lib.make_update_fn(config, forward, optimizer, 20,
                                              0, axis_name=None))
   return init, update
@@ -263,7 +264,7 @@ def test_passes_of_fewer_images_give_the_one_pass_step(images_per_pass):
 
 def test_update_without_augmentations_trains_on_the_views_as_given():
   """make_update_fn(augment=False) (the benchmark's +noaug): the step's loss
-  is that of the given views, normalised only; with the augmentations the
+  is that of the given views (the network normalises them); with the augmentations the
   same batch gives another loss."""
   config, forward, optimizer, state = _one_device()
   batch = fixed_batch(1)
@@ -276,9 +277,7 @@ def test_update_without_augmentations_trains_on_the_views_as_given():
     _, logs = update(state, jax.tree.map(lambda x: x[0], batch),
                      jax.random.PRNGKey(3))
     losses[augment] = float(logs['repr_loss'])
-  views = {k: dataset_lib.normalize(batch[k][0, 0],
-                                    dataset=config.data.dataset)
-           for k in ('view1', 'view2')}
+  views = {k: batch[k][0, 0] for k in ('view1', 'view2')}
   # micro_step's forward key for micro-batch 0 of the step key.
   fwd_rng = jax.random.fold_in(jax.random.split(jax.random.PRNGKey(3))[1], 0)
   _, (_, _, direct) = update_lib.loss_fn(
@@ -358,9 +357,10 @@ def test_bfloat16_steps_track_float32():
 def _one_device(variant='local'):
   """(config, forward, optimizer, initial state) of one device, 20 steps."""
   config = tiny_config(variant)
-  forward = model.make_forward(config, 10, axis_name=None)
+  network = model.Network(config, axis_name=None)
+  forward = network.forward
   optimizer = update_lib.make_optimizer(config, 20, 0)
-  init = jax.jit(experiment.make_init_fn(config, forward, optimizer))
+  init = jax.jit(experiment.make_init_fn(network, optimizer))
   state = init(jax.random.PRNGKey(0),
                np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
   return config, forward, optimizer, state

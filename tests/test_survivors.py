@@ -26,12 +26,12 @@ import pytest
 from byol import augmentations
 from byol import checkpointing
 from byol import dataset as dataset_lib
-from byol import devices
-from byol import experiment
-from byol import inference
+from byol import model
 from byol import schedules
 from byol import train_loop
 from byol import update
+from byol.evaluation import features
+from byol.evaluation import online_classifier
 from configs import byol as byol_config
 from test_dm_checkpoint import random_state
 from test_experiment import tiny_config
@@ -88,6 +88,7 @@ class _CountingExperiment:
   def __init__(self, config, workdir, stop_at):
     self.config, self.workdir, self.stop_at = config, workdir, stop_at
     self.is_chief = True
+    self.network = None  # no evaluator is scheduled to read it
     self.total_steps = config.training.max_steps
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, 'checkpoints'))
@@ -119,8 +120,7 @@ class _CountingExperiment:
 def test_a_stop_on_a_step_between_checkpoints_checkpoints_that_step(tmp_path):
   config = tiny_config('local', **{
       'training.max_steps': 10, 'training.checkpoint_every_steps': 2,
-      'training.log_every_steps': 100, 'training.eval_every_steps': 0,
-      'training.diagnostics_batch_size': 0})
+      'training.log_every_steps': 100, 'evaluators.schedule': ()})
   exp = _CountingExperiment(config, str(tmp_path), stop_at=3)
   with pytest.raises(train_loop.Preempted) as e:
     train_loop.train(exp)
@@ -135,20 +135,21 @@ def test_a_stop_on_a_step_between_checkpoints_checkpoints_that_step(tmp_path):
 
 @pytest.mark.slow  # an evaluation over the whole TEST split
 def test_online_evaluation_reads_every_test_example(tmp_path, monkeypatch):
-  config = tiny_config('local', **{'training.eval_batch_size': 1000})
-  exp = experiment.PretrainExperiment(config, str(tmp_path),
-                                      printer=lambda _: None)
-  exp.state = devices.replicate(random_state(config, step=0, seed=1))
+  config = tiny_config('local', **{
+      'evaluators.online_classifier.batch_size': 1000})
+  evaluator = online_classifier.OnlineClassifierEvaluator.from_config(
+      config.evaluators.online_classifier, model.Network(config))
+  state = random_state(config, step=0, seed=1)
   seen = {}
-  real = inference.extract_features
+  real = features.extract_features
 
   def spy(*args, **kwargs):
     logits, labels = real(*args, **kwargs)
     seen.update(split=kwargs['split'], logits=logits, labels=labels)
     return logits, labels
 
-  monkeypatch.setattr(inference, 'extract_features', spy)
-  result = exp.evaluate()
+  monkeypatch.setattr(features, 'extract_features', spy)
+  result = evaluator.run(state.online_params, state.online_state)
   assert seen['split'] == dataset_lib.Split.TEST
   chex.assert_shape(seen['logits'], (10_000, 10))
   # Every TEST image once: Fashion-MNIST's TEST labels, 1,000 per class.

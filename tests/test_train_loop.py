@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+from byol import metrics
 from byol import train_loop
 
 
@@ -27,16 +28,16 @@ def test_stop_signals_note_the_first_and_let_a_second_ctrl_c_through():
 
 def test_metrics_to_keep_drops_later_records_and_a_line_cut_short(tmp_path):
   path = tmp_path / 'metrics.jsonl'
-  assert train_loop.metrics_to_keep(str(path), 3) is None  # no file
+  assert metrics.metrics_to_keep(str(path), 3) is None  # no file
   records = [f'{{"step": {s}, "loss": {s / 10}}}\n' for s in (1, 2, 3, 4)]
   path.write_text(''.join(records))
-  assert train_loop.metrics_to_keep(str(path), 4) is None  # nothing to drop
-  assert train_loop.metrics_to_keep(str(path), 2) == records[:2]
+  assert metrics.metrics_to_keep(str(path), 4) is None  # nothing to drop
+  assert metrics.metrics_to_keep(str(path), 2) == records[:2]
   path.write_text(''.join(records) + '{"step": 5, "lo')  # killed mid-write
-  assert train_loop.metrics_to_keep(str(path), 4) == records
+  assert metrics.metrics_to_keep(str(path), 4) == records
   path.write_text(''.join(records[:2]) + '{"step": 3, "lo\n' + records[3])
   with pytest.raises(train_loop.UserError, match='garbled at line 3'):
-    train_loop.metrics_to_keep(str(path), 4)
+    metrics.metrics_to_keep(str(path), 4)
 
 
 def test_config_differences_ignore_the_resumable_fields():
@@ -54,9 +55,9 @@ def test_config_differences_ignore_the_resumable_fields():
 
 
 def test_format_duration():
-  assert train_loop.format_duration(247.9) == '4m07s'
-  assert train_loop.format_duration(3900) == '1h05m'
-  assert train_loop.format_duration(-3) == '0m00s'
+  assert metrics.format_duration(247.9) == '4m07s'
+  assert metrics.format_duration(3900) == '1h05m'
+  assert metrics.format_duration(-3) == '0m00s'
 
 
 def test_a_broken_config_json_is_refused_before_anything_is_written(tmp_path):

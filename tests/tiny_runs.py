@@ -46,7 +46,8 @@ TINY = [
     '--config.training.max_steps=6',
     '--config.training.checkpoint_every_steps=2',
     '--config.training.log_every_steps=1',
-    '--config.training.diagnostics_batch_size=64',
+    '--config.evaluators.collapse.batch_size=64',
+    "--config.evaluators.schedule=((1, 'collapse'), (120, 'online_classifier'))",
 ]
 TIMEOUT = 300  # seconds, per run
 

@@ -1,67 +1,69 @@
-"""Frozen-encoder features: the embedding function, cached features, BN calibration.
+"""Frozen-encoder features: running a network over a split, BN calibration.
 
 Every evaluator reads the encoder through an `EmbedFn`, `embed(params, state,
-images) -> [B, D]`, on images in [0, 1] (the dataset's normalization is
-applied inside), so that the same evaluator runs on this project's
+images) -> [B, D]`, on images in [0, 1] (a `model.Network`'s `embed`
+normalises them inside), so that the same evaluator runs on this project's
 checkpoints, on DeepMind's, or on raw pixels (`pixels_embed`).
 """
 
-import functools
 from typing import Callable, Optional, Tuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from byol import augmentations
 from byol import dataset as dataset_lib
+from byol import devices
 from byol import model
-from byol.inference import EmbedFn
 
-# `apply(params, state, images, is_training) -> (embedding, new state)`.
-EncoderApply = Callable[[hk.Params, hk.State, jax.Array, bool],
-                        Tuple[jax.Array, hk.State]]
+EmbedFn = Callable[[hk.Params, hk.State, jax.Array], jax.Array]
 
 
-def make_encoder_apply(pretrain_config: ml_collections.ConfigDict,
-                       axis_name: Optional[str] = None) -> EncoderApply:
-  """The pretraining network's embedding, in training or inference mode.
+def extract_features(embed: EmbedFn, params, state, *, dataset: str, split,
+                     image_size: int, batch_size: int = 1000,
+                     data_dir: Optional[str] = None,
+                     max_examples: int = -1) -> Tuple[np.ndarray, np.ndarray]:
+  """Encodes the examples of `split` once (centre crop, no augmentation).
 
-  `images` are in [0, 1]; the dataset's normalization is applied here. In
-  training mode BatchNorm uses batch statistics (over `axis_name` when
-  given) and the returned state carries its updated moving averages.
+  Args:
+    embed: `embed(params, state, images)`.
+    params: the encoder's parameters (host arrays; copied to every device).
+    state: the encoder's Haiku state (likewise).
+    dataset: the dataset's name.
+    split: the split to read.
+    image_size: side of the images.
+    batch_size: images per step over this process's devices.
+    data_dir: where the dataset lives (None: its default place).
+    max_examples: stop after this many examples (the first ones of the
+      split, in its fixed order); -1 reads the whole split.
+
+  Returns:
+    (features [N, D] float32, labels [N] int32) of this process's shard.
   """
-  data = pretrain_config.data
-  num_classes = dataset_lib.num_classes(data.dataset, data.data_dir or None)
-  forward = model.make_forward(pretrain_config, num_classes,
-                                        axis_name=axis_name)
-  # The network's own input normalisation: its pretraining data's, also when
-  # it is evaluated on another dataset (transfer).
-  normalize = functools.partial(dataset_lib.normalize, dataset=data.dataset,
-                                data_dir=data.data_dir or None)
-
-  def apply(params, state, images, is_training):
-    out, state = forward.apply(params, state, None, normalize(images),
-                               is_training)
-    return out['embedding'], state
-
-  return apply
-
-
-def make_embed_fn(pretrain_config: ml_collections.ConfigDict) -> EmbedFn:
-  """Returns `embed(params, state, images) -> embedding`, inference mode.
-
-  `images` are in [0, 1]; the dataset's normalization is applied here.
-  """
-  apply = make_encoder_apply(pretrain_config, axis_name=None)
-
-  def embed(params, state, images):
-    # Only the embedding is used: XLA drops the heads from the program.
-    return apply(params, state, images, False)[0]
-
-  return embed
+  n_dev = jax.local_device_count()
+  per_dev = max(1, batch_size // n_dev)
+  it = dataset_lib.load(split, preprocess_mode=dataset_lib.PreprocessMode.EVAL,
+                        batch_dims=[n_dev, per_dev], dataset=dataset,
+                        image_size=image_size, data_dir=data_dir)
+  p_embed = jax.pmap(embed)
+  # Copied to the devices once, not with every batch.
+  params_r = devices.replicate(params)
+  state_r = devices.replicate(state)
+  feats, labels, count = [], [], 0
+  for batch in it:
+    f = np.asarray(p_embed(params_r, state_r, batch['images']), np.float32)
+    mask = np.asarray(batch['mask']).reshape(-1).astype(bool)
+    feats.append(f.reshape(-1, f.shape[-1])[mask])
+    labels.append(np.asarray(batch['labels']).reshape(-1)[mask])
+    count += int(mask.sum())
+    if 0 < max_examples <= count:
+      break
+  feats, labels = np.concatenate(feats), np.concatenate(labels)
+  if max_examples > 0:
+    feats, labels = feats[:max_examples], labels[:max_examples]
+  return feats, labels.astype(np.int32)
 
 
 def pixels_embed(params, state, images):
@@ -70,7 +72,7 @@ def pixels_embed(params, state, images):
   return images.reshape(images.shape[0], -1)
 
 
-def calibrate_batchnorm(config: ml_collections.ConfigDict, params: hk.Params,
+def calibrate_batchnorm(network: model.Network, params: hk.Params,
                         state: hk.State, *, num_batches: int = 10,
                         batch_size: int = 256, seed: int = 0) -> hk.State:
   """BatchNorm moving averages measured on data, for an untrained network.
@@ -84,26 +86,22 @@ def calibrate_batchnorm(config: ml_collections.ConfigDict, params: hk.Params,
   The parameters are not touched. Networks without BatchNorm are returned
   unchanged.
   """
-  if model.batch_independent(config):
+  if model.batch_independent(network.config):
     return state
-  c = config
-  forward = model.make_forward(
-      c, dataset_lib.num_classes(c.data.dataset, c.data.data_dir or None),
-      axis_name=None)
+  network = network.single_device()
   it = dataset_lib.load(
       dataset_lib.Split.TRAIN_AND_VALID,
       preprocess_mode=dataset_lib.PreprocessMode.PRETRAIN,
-      batch_dims=[batch_size], dataset=c.data.dataset,
-      image_size=c.data.image_size, data_dir=c.data.data_dir or None,
+      batch_dims=[batch_size], dataset=network.dataset,
+      image_size=network.image_size, data_dir=network.data_dir,
       seed=seed, deterministic=True)
 
   @jax.jit
   def update(state, batch, rng):
-    views = augmentations.postprocess(batch, rng, c.data.augmentations)
+    views = augmentations.postprocess(batch, rng,
+                                      network.config.data.augmentations)
     for view in ('view1', 'view2'):
-      images = dataset_lib.normalize(views[view], dataset=c.data.dataset,
-                                     data_dir=c.data.data_dir or None)
-      _, state = forward.apply(params, state, None, images, True)
+      _, state = network.encode(params, state, views[view], True)
     return state
 
   # Zeroed averages and counters: the first update then sets each average to

@@ -14,8 +14,9 @@ Only the encoder trains: the pretraining heads (projector, predictor, online
 classifier) in the same parameter tree are left as they are.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,10 +25,16 @@ import optax
 
 from byol import dataset as dataset_lib
 from byol import devices
+from byol import experiment
+from byol import model
 from byol.errors import ConfigError
 from byol.evaluation import loop
-from byol.evaluation.features import EncoderApply, make_encoder_apply
 from byol.evaluation.linear import init_head, train_split_of
+
+# `encode(params, state, images, is_training) -> (embedding, new state)`, a
+# `model.Network`'s `encode`.
+EncoderApply = Callable[[hk.Params, hk.State, jax.Array, bool],
+                        Tuple[jax.Array, hk.State]]
 
 # Parameters of these top-level modules belong to pretraining, not to the
 # encoder: fine-tuning leaves them alone.
@@ -44,7 +51,7 @@ def split_encoder(params) -> tuple:
 
 
 def make_finetune_fns(apply_train: EncoderApply, apply_eval: EncoderApply,
-                      num_classes: int, lr: float, schedule_steps: int,
+                      lr: float, schedule_steps: int,
                       momentum: float = 0.9,
                       axis_name: Optional[str] = devices.AXIS):
   """(optimizer, train_step, eval_step) of fine-tuning.
@@ -78,10 +85,8 @@ def make_finetune_fns(apply_train: EncoderApply, apply_eval: EncoderApply,
   def eval_step(encoder, head, frozen, net_state, images, labels, mask):
     embedding, _ = apply_eval({**encoder, **frozen}, net_state, images, False)
     logits = embedding @ head['w'] + head['b']
-    top = jax.lax.top_k(logits, min(5, num_classes))[1]
-    hit1 = jnp.sum((top[:, 0] == labels) * mask)
-    hit5 = jnp.sum(jnp.any(top == labels[:, None], -1) * mask)
-    out = (hit1, hit5, jnp.sum(mask))
+    out = (loop.topk_hits(logits, labels, 1, mask),
+           loop.topk_hits(logits, labels, 5, mask), jnp.sum(mask))
     if axis_name is not None:
       out = jax.lax.psum(out, axis_name)
     return out
@@ -90,7 +95,7 @@ def make_finetune_fns(apply_train: EncoderApply, apply_eval: EncoderApply,
 
 
 class FineTuneEvaluator:
-  """Fine-tuning: `FineTuneEvaluator(pretrain_config, **cfg).run(params, state)`.
+  """Fine-tuning: `FineTuneEvaluator(network, **cfg).run(params, state)`.
 
   Reports the fine-tuned network's TEST accuracy (and VALID accuracy when
   it trained on TRAIN), and how far the encoder moved.
@@ -99,7 +104,7 @@ class FineTuneEvaluator:
   protocol = ('fine-tuning: encoder and linear head trained by SGD Nesterov '
               '(DeepMind\'s freeze_backbone=False)')
 
-  def __init__(self, pretrain_config: ml_collections.ConfigDict, *,
+  def __init__(self, network: model.Network, *,
                data: loop.DataSpec, batch_size: int, epochs: float,
                max_steps: int, base_lr: float, momentum: float,
                train_split: dataset_lib.Split, head_init: str,
@@ -111,8 +116,8 @@ class FineTuneEvaluator:
       raise ConfigError(f'training.base_lr must be positive, got {base_lr}')
     loop.per_device_batch(batch_size)
     init_head(head_init, 1, 1)  # an unknown kind is a ConfigError now
-    self.apply_train = make_encoder_apply(pretrain_config, devices.AXIS)
-    self.apply_eval = make_encoder_apply(pretrain_config, None)
+    self.apply_train = model.Network(network.config, devices.AXIS).encode
+    self.apply_eval = network.single_device().encode
     self.num_classes = dataset_lib.num_classes(data.dataset, data.data_dir)
     self.data = data
     # What it trains on: `data` (or a subset of it), or another dataset of
@@ -128,7 +133,8 @@ class FineTuneEvaluator:
     self.num_train = (len(t.subset) if t.subset is not None else
                       dataset_lib.num_examples(train_split, t.dataset,
                                                t.data_dir))
-    self.steps = loop.num_steps(epochs, max_steps, self.num_train, batch_size)
+    self.steps = experiment.num_steps_for(epochs, max_steps, self.num_train,
+                                          batch_size)
     self.log_every_steps = log_every_steps
     self.seed = seed
     self.print = printer
@@ -138,8 +144,7 @@ class FineTuneEvaluator:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
-                  pretrain_config: ml_collections.ConfigDict,
-                  **kwargs) -> 'FineTuneEvaluator':
+                  network: model.Network, **kwargs) -> 'FineTuneEvaluator':
     """The evaluator of an evaluation config (configs/eval.py:finetune)."""
     t = config.training
     if len(t.lr_grid) > 1:
@@ -148,7 +153,7 @@ class FineTuneEvaluator:
           'fine-tuning per rate on TRAIN and compare them on VALID '
           '(set training.lr_grid=())')
     return cls(
-        pretrain_config, data=loop.resolve_data(config, pretrain_config),
+        network, data=loop.resolve_data(config, network.config),
         batch_size=t.batch_size, epochs=t.epochs, max_steps=t.max_steps,
         base_lr=(tuple(t.lr_grid) or (t.base_lr,))[0], momentum=t.momentum,
         train_split=train_split_of(t.train_split), head_init=t.head_init,
@@ -161,7 +166,7 @@ class FineTuneEvaluator:
     `_params` and `_state` (host arrays; not written to summary.json).
     """
     optimizer, train_step, eval_step = make_finetune_fns(
-        self.apply_train, self.apply_eval, self.num_classes, self.lr,
+        self.apply_train, self.apply_eval, self.lr,
         self.steps, self.momentum)
     encoder, frozen = split_encoder(params)
     s = self.data.image_size

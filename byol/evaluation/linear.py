@@ -20,6 +20,8 @@ import optax
 
 from byol import dataset as dataset_lib
 from byol import devices
+from byol import experiment
+from byol import model
 from byol.errors import ConfigError
 from byol.evaluation import loop
 from byol.evaluation.features import EmbedFn
@@ -130,10 +132,8 @@ def make_linear_eval_fns(embed: EmbedFn, num_classes: int,
   def eval_step(heads, params, state, images, labels, mask):
     features = embed(params, state, images)
     logits = jax.vmap(logits_fn, in_axes=(0, None))(heads, features)
-    top = jax.lax.top_k(logits, min(5, num_classes))[1]  # [H, B, k]
-    hit1 = jnp.sum((top[..., 0] == labels) * mask, -1)
-    hit5 = jnp.sum(jnp.any(top == labels[None, :, None], -1) * mask, -1)
-    out = (hit1, hit5, jnp.sum(mask))
+    out = (loop.topk_hits(logits, labels, 1, mask),  # [H]
+           loop.topk_hits(logits, labels, 5, mask), jnp.sum(mask))
     if axis_name is not None:
       out = jax.lax.psum(out, axis_name)
     return out
@@ -204,22 +204,22 @@ class LinearEvaluator:
     self.num_train = (len(data.subset) if data.subset is not None else
                       dataset_lib.num_examples(train_split, data.dataset,
                                                data.data_dir))
-    self.steps = loop.num_steps(epochs, max_steps, self.num_train, batch_size)
+    self.steps = experiment.num_steps_for(epochs, max_steps, self.num_train,
+                                          batch_size)
     self.log_every_steps = log_every_steps
     self.seed = seed
     self.print = printer
     self.metrics = metrics
 
   @classmethod
-  def from_config(cls, embed: EmbedFn, config: ml_collections.ConfigDict,
-                  pretrain_config: ml_collections.ConfigDict,
-                  **kwargs) -> 'LinearEvaluator':
-    """The evaluator of an evaluation config (configs/eval.py)."""
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  network: model.Network, **kwargs) -> 'LinearEvaluator':
+    """The evaluator of an evaluation config (configs/eval.py) for `network`."""
     t = config.training
-    data = loop.resolve_data(config, pretrain_config)
+    data = loop.resolve_data(config, network.config)
     return cls(
-        embed, num_classes=dataset_lib.num_classes(data.dataset,
-                                                   data.data_dir),
+        network.single_device().embed,
+        num_classes=dataset_lib.num_classes(data.dataset, data.data_dir),
         data=data,
         batch_size=t.batch_size, epochs=t.epochs, max_steps=t.max_steps,
         base_lrs=tuple(t.lr_grid) or (t.base_lr,), momentum=t.momentum,

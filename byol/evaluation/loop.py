@@ -1,24 +1,65 @@
-"""What the supervised protocols share: data settings, the step loop, accuracy.
+"""What the evaluators share: data settings, the step loop, top-k accuracy.
 
 The linear protocol (`linear.py`) and fine-tuning (`finetune.py`) both train
 on random-resized-crop + flip images for a number of steps, log a line and a
 metrics record every few steps, and count top-1/top-5 hits over every example
-of an evaluation split (centre crops).
+of an evaluation split (centre crops). `topk_hits` is the one top-k rule of
+every evaluator (these two, the fast probe, the online classifier).
+
+`run_steps` is a step loop of its own, apart from pretraining's
+(`train_loop`): an evaluation runs a fixed number of steps from nothing, in
+one go, while pretraining's loop resumes, checkpoints, stops on signals and
+runs evaluators on a schedule; sharing one loop would give the evaluations
+all of that to step around.
 """
 
 import time
 from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from byol import dataset as dataset_lib
-from byol import train_loop
+from byol import metrics as metrics_lib
 from byol.errors import ConfigError
 
 Printer = Callable[[str], None]
+# `metrics(record)`: a record {'step': ..., scalars...} of metrics.jsonl.
 MetricsFn = Callable[[Dict[str, Any]], None]
+
+
+def topk_hits(logits: jax.Array, labels: jax.Array, k: int,
+              mask: Optional[jax.Array] = None) -> jax.Array:
+  """How many rows have their label among their k largest logits.
+
+  Ties go to the lower class index (`lax.top_k`'s order). Works traced
+  (inside jit/pmap) and on host arrays alike.
+
+  Args:
+    logits: [..., B, C] (leading axes, e.g. one per head, are kept).
+    labels: [B] integers.
+    k: how many of the largest logits count (at most C).
+    mask: [B] weights (0 for padding examples), or None.
+
+  Returns:
+    [...] counts: the sum over the batch of (label in top k) x mask.
+  """
+  top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
+  hit = jnp.any(top == labels[:, None], -1)
+  if mask is not None:
+    hit = hit * mask
+  return jnp.sum(hit, -1)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+  """Fraction of rows whose label is among their k largest scores.
+
+  Host arrays in, a Python float out; the rule is `topk_hits`'s.
+  """
+  hits = topk_hits(jnp.asarray(logits), jnp.asarray(labels), k)
+  return int(hits) / len(labels)
 
 
 class DataSpec(NamedTuple):
@@ -61,14 +102,6 @@ def per_device_batch(batch_size: int) -> int:
   return batch_size // jax.device_count()
 
 
-def num_steps(epochs: float, max_steps: int, num_train: int,
-              batch_size: int) -> int:
-  """`max_steps` when positive, else `epochs` passes over `num_train`."""
-  if max_steps > 0:
-    return int(max_steps)
-  return max(1, int(epochs * num_train // batch_size))
-
-
 def train_input(data: DataSpec, split, batch_size: int,
                 seed: int) -> Iterator[Dict[str, np.ndarray]]:
   """Augmented (crop + flip) training batches, [local devices, per device]."""
@@ -108,7 +141,7 @@ def run_steps(step_fn: Callable[[Any, Dict[str, np.ndarray]],
     eta = (steps - done) * batch_size / max(rate, 1e-9)
     printer(f'[{tag}] step {done}/{steps}  loss '
             f'{" ".join(f"{l:.4f}" for l in loss)}  {rate:.0f} img/s  '
-            f'ETA {train_loop.format_duration(eta)}')
+            f'ETA {metrics_lib.format_duration(eta)}')
     if metrics is not None:
       metrics({'step': done, 'images_per_sec': rate, **record(step, loss)})
   return carry

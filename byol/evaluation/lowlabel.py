@@ -29,6 +29,7 @@ import numpy as np
 
 from byol import dataset as dataset_lib
 from byol import files
+from byol import model
 from byol.data import registry
 from byol.errors import ConfigError
 from byol.evaluation import finetune as finetune_lib
@@ -59,12 +60,12 @@ def balanced_subset(labels: np.ndarray, fraction: float,
 
 
 class LowLabelEvaluator:
-  """`LowLabelEvaluator(pretrain_config, **cfg).run(params, state)`."""
+  """`LowLabelEvaluator(network, **cfg).run(params, state)`."""
 
   protocol = ('low-label fine-tuning: the whole network fine-tuned on a '
               'fraction of the labels, rate and epochs chosen on VALID')
 
-  def __init__(self, pretrain_config: ml_collections.ConfigDict, *,
+  def __init__(self, network: model.Network, *,
                data: loop.DataSpec, fraction: float, subset_seed: int,
                lr_grid: Sequence[float], epochs_grid: Sequence[float],
                batch_size: int, max_steps: int, momentum: float,
@@ -78,7 +79,7 @@ class LowLabelEvaluator:
     if not 0 < fraction <= 1:
       raise ConfigError(f'lowlabel.fraction must be in (0, 1], got '
                         f'{fraction}')
-    self.pretrain_config = pretrain_config
+    self.network = network
     self.data = data
     self.fraction = fraction
     self.subset_seed = subset_seed
@@ -126,17 +127,17 @@ class LowLabelEvaluator:
       train_split = dataset_lib.Split.TRAIN_AND_VALID
     kwargs = dict(self.kwargs, train_split=train_split)
     return finetune_lib.FineTuneEvaluator(
-        self.pretrain_config, data=self.data, epochs=epochs, base_lr=base_lr,
+        self.network, data=self.data, epochs=epochs, base_lr=base_lr,
         train_data=self.train_data, **kwargs)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
-                  pretrain_config: ml_collections.ConfigDict,
+                  network: model.Network,
                   **kwargs) -> 'LowLabelEvaluator':
     """The evaluator of an evaluation config (configs/eval.py:1pct etc.)."""
     t, l = config.training, config.lowlabel
-    return cls(pretrain_config,
-               data=loop.resolve_data(config, pretrain_config),
+    return cls(network,
+               data=loop.resolve_data(config, network.config),
                fraction=l.fraction, subset_seed=l.subset_seed,
                lr_grid=tuple(l.lr_grid), epochs_grid=tuple(l.epochs_grid),
                batch_size=t.batch_size, max_steps=t.max_steps,

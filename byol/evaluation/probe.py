@@ -6,23 +6,30 @@ cached features: deterministic, minutes on a CPU at Fashion-MNIST scale. kNN
 on the same features: cosine similarity, the k nearest training examples vote
 for their class with weight exp(similarity / temperature) (Wu et al. 2018,
 InstDisc). Its numbers are not comparable with the linear protocol's
-(`linear.py`).
+(`linear.py`). `probe_report` probes a trained and an initial encoder side by
+side (`main.py --probe`, the studies).
 
 The cached features are held in host memory and read from this process's
 shard only: the protocol is meant for single-process runs.
 """
 
 import functools
+import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from byol import dataset as dataset_lib
-from byol import inference
+from byol import files
+from byol import model
+from byol.evaluation import collapse
+from byol.evaluation import features
+from byol.evaluation import loop
 from byol.evaluation.features import EmbedFn
 
 
@@ -109,16 +116,6 @@ def _finite(x) -> np.ndarray:
   return np.where(np.isfinite(x), x, 0.0)
 
 
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-  """Fraction of rows whose label is among the k largest scores.
-
-  Ties are broken towards the lower class index (a stable sort).
-  """
-  logits, labels = np.asarray(logits), np.asarray(labels)
-  top = np.argsort(-logits, axis=-1, kind='stable')[:, :k]
-  return float(np.mean(np.any(top == labels[:, None], axis=-1)))
-
-
 def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                 num_classes: int, *, k: int = 200, temperature: float = 0.07,
                 chunk: int = 256) -> np.ndarray:
@@ -178,10 +175,10 @@ def feature_probe(embed: EmbedFn, params, state, *, dataset: str,
   kw = dict(dataset=dataset, image_size=image_size, data_dir=data_dir,
             batch_size=batch_size)
   t0 = time.time()
-  train_x, train_y = inference.extract_features(
+  train_x, train_y = features.extract_features(
       embed, params, state, split=dataset_lib.Split.TRAIN_AND_VALID,
       max_examples=max_train_examples, **kw)
-  test_x, test_y = inference.extract_features(
+  test_x, test_y = features.extract_features(
       embed, params, state, split=dataset_lib.Split.TEST,
       max_examples=max_test_examples, **kw)
   t1 = time.time()
@@ -192,11 +189,11 @@ def feature_probe(embed: EmbedFn, params, state, *, dataset: str,
   knn = knn_predict(train_x, train_y, test_x, num_classes, k=knn_k,
                     temperature=knn_temperature)
   return {
-      'top1_accuracy': topk_accuracy(logits, test_y, 1),
-      'top5_accuracy': topk_accuracy(logits, test_y, 5),
-      'train_top1_accuracy': topk_accuracy(predict(train_x), train_y, 1),
-      'knn_top1_accuracy': topk_accuracy(knn, test_y, 1),
-      'knn_top5_accuracy': topk_accuracy(knn, test_y, 5),
+      'top1_accuracy': loop.topk_accuracy(logits, test_y, 1),
+      'top5_accuracy': loop.topk_accuracy(logits, test_y, 5),
+      'train_top1_accuracy': loop.topk_accuracy(predict(train_x), train_y, 1),
+      'knn_top1_accuracy': loop.topk_accuracy(knn, test_y, 1),
+      'knn_top5_accuracy': loop.topk_accuracy(knn, test_y, 5),
       'feature_dim': int(train_x.shape[1]),
       'nonfinite_features': int(np.sum(~np.isfinite(train_x)) +
                                 np.sum(~np.isfinite(test_x))),
@@ -230,8 +227,89 @@ class ProbeEvaluator:
         max_test_examples=max_test_examples)
     self.print = printer
 
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  network: model.Network, *, printer=print,
+                  metrics=None) -> 'ProbeEvaluator':
+    """The evaluator of an evaluation config (configs/eval.py:fast)."""
+    del metrics  # the probe has no training steps to record
+    data = loop.resolve_data(config, network.config)
+    return cls(
+        network.single_device().embed, dataset=data.dataset,
+        image_size=data.image_size, data_dir=data.data_dir, l2=config.fast.l2,
+        iterations=config.fast.iterations, knn_k=config.knn.k,
+        knn_temperature=config.knn.temperature,
+        batch_size=config.eval_batch_size,
+        max_train_examples=config.fast.max_train_examples, printer=printer)
+
   def run(self, params, state) -> Dict[str, Any]:
     """Probes the encoder with these parameters and state; returns results."""
     result = feature_probe(self.embed, params, state, **self.kwargs)
     result['protocol'] = self.protocol
     return result
+
+
+def probe_report(network: model.Network, trained: Tuple[Any, Any],
+                 initial: Tuple[Any, Any], workdir: str, *, printer=print,
+                 max_train_examples: int = -1, max_test_examples: int = -1
+                 ) -> Dict[str, Any]:
+  """The fast probe and kNN of the trained and of the initial encoder.
+
+  Both are measured the same way in the same run, so that the gain of
+  pretraining can be read off directly (a GroupNorm network at initialisation
+  is a much weaker feature extractor than a BatchNorm one). A BatchNorm
+  network at initialisation has no meaningful moving averages: they are
+  estimated first (`features.calibrate_batchnorm`). Where the pretraining
+  config's schedule runs the collapse evaluator, both networks are also
+  measured by it (on its fixed batch, the same as metrics.jsonl's, which
+  starts after the first steps). Writes <workdir>/probe.json and prints the
+  table.
+
+  Args:
+    network: the pretrained network (`model.Network` of the run's config).
+    trained: (params, state) of the trained online network, host arrays.
+    initial: (params, state) of the online network at initialisation.
+    workdir: where probe.json goes.
+    printer: output lines.
+    max_train_examples: see `feature_probe`.
+    max_test_examples: see `feature_probe`.
+  """
+  c = network.config
+  probe = ProbeEvaluator(
+      network.single_device().embed, dataset=network.dataset,
+      image_size=network.image_size, data_dir=network.data_dir,
+      max_train_examples=max_train_examples,
+      max_test_examples=max_test_examples)
+  printer('[probe] linear probe + kNN on frozen features (fast protocol)')
+  init_params, init_state = initial
+  init_state = features.calibrate_batchnorm(
+      network, init_params, init_state, batch_size=c.training.batch_size,
+      seed=c.seed)
+  results = {'trained': probe.run(*trained),
+             'init': probe.run(init_params, init_state)}
+  diagnose = any(name == 'collapse' for _, name in c.evaluators.schedule)
+  if diagnose:
+    measure = collapse.CollapseEvaluator(
+        network, batch_size=c.evaluators.collapse.batch_size)
+    for name, pair in (('init', initial), ('trained', trained)):
+      results[name].update(measure.run(*pair))
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(workdir, 'probe.json'), results)
+  printer('')
+  head = '| encoder                  | linear top-1 | kNN top-1 |'
+  rule = '|--------------------------|--------------|-----------|'
+  if diagnose:
+    head += ' proj_std (fixed batch) | RankMe of projections |'
+    rule += '------------------------|-----------------------|'
+  printer(head)
+  printer(rule)
+  for name, label in (('init', 'at initialisation'),
+                      ('trained', f'after {c.method}')):
+    r = results[name]
+    line = (f'| {label:<24} | {100 * r["top1_accuracy"]:11.2f}% | '
+            f'{100 * r["knn_top1_accuracy"]:8.2f}% |')
+    if diagnose:
+      line += (f' {r["fixed_proj_std"]:22.4f} |'
+               f' {r["rankme_proj"]:21.1f} |')
+    printer(line)
+  return results

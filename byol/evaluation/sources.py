@@ -6,7 +6,6 @@ from typing import Optional
 import ml_collections
 
 from byol import checkpointing
-from byol import dataset as dataset_lib
 from byol import experiment as experiment_lib
 from byol import files
 from byol import model
@@ -41,8 +40,7 @@ def read_pretrain_config(workdir: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(raw)
   try:
     experiment_lib.validate_config(config)
-    model.check_model(config, dataset_lib.num_classes(
-        config.data.dataset, config.data.data_dir or None))
+    model.Network(config, axis_name=None).check()
   # A field missing (AttributeError, KeyError) or of the wrong type
   # (TypeError), or one the network's constructors refuse (ValueError).
   except (AttributeError, KeyError, TypeError, ValueError) as e:

@@ -15,7 +15,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from byol import dataset as dataset_lib
 from byol import files
 from byol import model
 from byol.errors import UserError
@@ -86,7 +85,7 @@ def export_network(config: ml_collections.ConfigDict, params, state,
   params = jax.tree.map(np.asarray, params)
   state = jax.tree.map(np.asarray, state)
 
-  num_classes = dataset_lib.num_classes(config.data.dataset)
+  num_classes = model.Network(config, axis_name=None).num_classes
   embedding_size = int(np.asarray(params['classifier']['w']).shape[0])
   info = torch_layout.encoder_json(net_config, num_classes, embedding_size,
                                    heads, source or {})

@@ -24,7 +24,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from byol import dataset as dataset_lib
 from byol import model
 from byol.export import torch_layout
 
@@ -39,12 +38,10 @@ def outputs(config: ml_collections.ConfigDict, heads: bool):
 
 
 def _forward(config: ml_collections.ConfigDict, heads: bool):
-  num_classes = dataset_lib.num_classes(config.data.dataset)
-  forward = model.make_forward(config, num_classes, axis_name=None)
+  forward = model.Network(config, axis_name=None).forward
   keep = outputs(config, heads)
 
   def apply(params, state, images):
-    images = dataset_lib.normalize(images, dataset=config.data.dataset)
     out, _ = forward.apply(params, state, None, images, False)
     return {k: out[k] for k in keep}
 
