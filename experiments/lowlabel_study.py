@@ -48,6 +48,7 @@ from byol import devices
 from byol import eval_experiment
 from byol import experiment
 from byol import files
+from byol import metrics as metrics_lib
 from byol import model
 from byol import train_loop
 from byol.errors import UserError
@@ -309,7 +310,7 @@ def write_table(path: str, results: List[dict], *, command: str,
         f'{r["num_train_examples"]} | {chosen} | '
         f'{100 * r.get("valid_top1_accuracy", float("nan")):.2f} | '
         f'{100 * r["top1_accuracy"]:.2f} | {100 * r["top5_accuracy"]:.2f} | '
-        f'{train_loop.format_duration(r.get("wall_time_sec", 0.0))} |')
+        f'{metrics_lib.format_duration(r.get("wall_time_sec", 0.0))} |')
   text = '\n'.join(lines) + '\n'
   files.write_text(path, text)
   return text

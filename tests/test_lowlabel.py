@@ -41,10 +41,8 @@ def _workdir(root, dataset_name):
   `dataset_name`."""
   workdir = str(root)
   config = tiny_config('local', **{'data.dataset': dataset_name})
-  forward = model.make_forward(config, dataset.num_classes(dataset_name),
-                               axis_name=None)
   init = jax.jit(experiment.make_init_fn(
-      config, forward, update.make_optimizer(config, 2, 0)))
+      model.Network(config), update.make_optimizer(config, 2, 0)))
   state = init(jax.random.PRNGKey(0), np.zeros((2, 16, 16, 3), np.float32))
   checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')).save(
       0, jax.tree.map(np.asarray, state))
