@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 
+import chex
 import jax.numpy as jnp
 import pytest
 
@@ -59,6 +60,9 @@ class _Recorder:
     return from_config
 
   def run(self, params, state):
+    # The loop hands an evaluator unreplicated host values: the [1]-shaped
+    # per-device leaves of the fake state arrive as scalars.
+    chex.assert_rank([params['w'], state['s']], 0)
     _Recorder.calls.append((self.name, params['w'], state['s']))
     return {f'{self.name}_value': float(len(_Recorder.calls))}
 

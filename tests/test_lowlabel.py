@@ -3,6 +3,7 @@
 import json
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -44,6 +45,7 @@ def _workdir(root, dataset_name):
   init = jax.jit(experiment.make_init_fn(
       model.Network(config), update.make_optimizer(config, 2, 0)))
   state = init(jax.random.PRNGKey(0), np.zeros((2, 16, 16, 3), np.float32))
+  chex.assert_tree_all_finite(state)
   checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')).save(
       0, jax.tree.map(np.asarray, state))
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
