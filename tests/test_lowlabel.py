@@ -16,8 +16,8 @@ from byol import model
 from byol import update
 from byol.errors import ConfigError
 from byol.evaluation import lowlabel
-from configs import eval as eval_config
 import data_fixtures
+from test_eval import _eval_config
 from test_experiment import tiny_config
 
 
@@ -59,14 +59,6 @@ def folder_run(tmp_path_factory):
   data_fixtures.write_image_folder(str(images), per_class=8)
   name = f'folder:{images}'
   return name, _workdir(tmp_path_factory.mktemp('run'), name)
-
-
-def _eval_config(arg, **fields):
-  c = eval_config.get_config(arg)
-  c.unlock()
-  c.update_from_flattened_dict(fields)
-  c.lock()
-  return c
 
 
 @pytest.mark.slow
