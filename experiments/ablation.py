@@ -38,6 +38,8 @@ Commands:
   ./run.sh ablation --full                # all 14 rows
   python -m experiments.ablation --rows=byol_bn_all,byol_bn_none --epochs=0.5
   python -m experiments.ablation --smoke --workdir_root=/tmp/abl   # plumbing
+  python -m experiments.ablation --full --seeds=0,1,2 --report_only \
+      --workdir_root=DIR --results_dir=/tmp/report  # table + plot, no training
 
 `--smoke` runs a tiny network (width 0.125, 16 px) for 3 steps per row and
 probes on 1,000 train / 1,000 test images: it checks the plumbing, its
@@ -108,6 +110,10 @@ _SEEDS = flags.DEFINE_list(
 _PROBE_TRAIN = flags.DEFINE_integer(
     'probe_train_examples', -1, 'Fit the probes on the first N train '
     'examples (-1: all; --smoke: 1000).')
+_REPORT_ONLY = flags.DEFINE_bool(
+    'report_only', False, 'Train nothing: rewrite the table and plot from '
+    'the runs finished under the workdir root, listing those of --rows/--full '
+    'x --seeds not finished yet.')
 _PROBE_TEST = flags.DEFINE_integer(
     'probe_test_examples', -1, 'Score the probes on the first N test '
     'examples (-1: all; --smoke: 1000).')
@@ -153,11 +159,12 @@ def _main(argv, printer) -> int:
       study.ROOT, 'workdirs', f'ablation_{dataset}{suffix}')
   results_dir = _RESULTS_DIR.value or (
       root if smoke else os.path.join(study.ROOT, 'experiments', 'results'))
-  study.run_study(rows, seeds=study.parse_seeds(_SEEDS.value), epochs=epochs,
-            dataset=dataset, smoke=smoke, root=root, results_dir=results_dir,
-            max_train=_PROBE_TRAIN.value, max_test=_PROBE_TEST.value,
-            command='./run.sh ablation ' + ' '.join(argv), printer=printer,
-            tag='ablation', all_rows=ROWS)
+  run = study.report_study if _REPORT_ONLY.value else study.run_study
+  run(rows, seeds=study.parse_seeds(_SEEDS.value), epochs=epochs,
+      dataset=dataset, smoke=smoke, root=root, results_dir=results_dir,
+      max_train=_PROBE_TRAIN.value, max_test=_PROBE_TEST.value,
+      command='./run.sh ablation ' + ' '.join(argv), printer=printer,
+      tag='ablation', all_rows=ROWS)
   return 0
 
 

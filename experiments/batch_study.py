@@ -20,23 +20,28 @@ examples.
 Runs are resumable and skipped once finished, like the ablation's (same
 runner, `experiments/study.py`). Outputs: `batch_study_<dataset>.md` (the
 study's full table, then the gain per batch size and normalization beside
-the paper's BatchNorm figures) and `batch_study_<dataset>.png`.
+the paper's BatchNorm figures), `batch_study_<dataset>.png` (every row:
+top-1, proj_std and RankMe curves) and `batch_study_<dataset>_by_batch.png`
+(the gains by batch size and their change from batch 256).
 
 Commands:
 
   python -m experiments.batch_study                       # 4 sizes x 2 norms x 2 seeds + pairs
   python -m experiments.batch_study --batches=32,64,128,256,512 --seeds=0,1,2
   python -m experiments.batch_study --smoke --workdir_root=/tmp/bs  # plumbing
+  python -m experiments.batch_study --workdir_root=DIR --report_only \
+      --results_dir=/tmp/report   # the tables and plots so far, no training
 """
 
 import os
 import sys
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import flags
 import numpy as np
 
 from byol import dataset as dataset_lib
+from byol import metrics
 from byol import train_loop
 from byol.errors import UserError
 from experiments import study
@@ -51,6 +56,8 @@ NORM_LABELS = {'gnws': 'GN+WS', 'bn': 'BatchNorm'}
 # 300 epochs, ImageNet linear top-1 by batch size.
 PAPER_BN = {2048: 72.4, 1024: 72.2, 512: 72.2, 256: 71.8, 128: 69.6,
             64: 59.7}
+# Its spreads over seeds, where it gives them.
+PAPER_BN_STD = {128: 0.5, 64: 1.5}
 
 
 def make_row(norm: str, batch: int, accumulation: int = 1) -> study.Row:
@@ -101,23 +108,77 @@ def images_per_sec(result: dict) -> float:
   return steps * _batch_of(result) / max(result['pretrain_time_sec'], 1e-9)
 
 
-def summary_section(results: Dict[str, dict]) -> str:
-  """The gain per batch size and normalization, against batch 256."""
+def _cells(results: Dict[str, dict]) -> Dict[tuple, List[dict]]:
+  """The runs by (norm, batch, accumulation steps)."""
   cells: Dict[tuple, List[dict]] = {}
   for r in results.values():
-    key = (_norm_of(r), _batch_of(r), _accum_of(r))
-    cells.setdefault(key, []).append(r)
+    cells.setdefault((_norm_of(r), _batch_of(r), _accum_of(r)), []).append(r)
+  return cells
+
+
+def _gains(runs: Sequence[dict], key: str = 'linear') -> List[float]:
+  if key == 'linear':
+    return [r['gain_over_init'] for r in runs]
+  return [r['knn_top1'] - r['init_knn_top1'] for r in runs]
+
+
+def paper_text(batch: int) -> str:
+  """The paper's BN figure at `batch` with its spread and its change from
+  batch 256, e.g. '69.6 ± 0.5 [-2.2]'; '-' where it gives none."""
+  if batch not in PAPER_BN:
+    return '-'
+  text = f'{PAPER_BN[batch]:.1f}'
+  if batch in PAPER_BN_STD:
+    text += f' ± {PAPER_BN_STD[batch]:.1f}'
+  return text + f' [{PAPER_BN[batch] - PAPER_BN[256]:+.1f}]'
+
+
+def accumulation_match(full: Sequence[dict], accumulated: Sequence[dict],
+                       key: str = 'loss') -> Optional[Tuple[int, float]]:
+  """How closely an accumulated run follows the one-batch run of its seed.
+
+  Args:
+    full, accumulated: the two runs' metrics.jsonl records.
+    key: a logged value that does not depend on how the batch was split
+      (the loss is a mean over examples; the RankMe of the fixed
+      diagnostics batch depends on the parameters only. proj_std does
+      depend on it: it is a std over each micro-batch, then averaged).
+
+  Returns:
+    (number of logged steps compared, largest relative difference), or
+    None when the runs share no logged step.
+  """
+  a = {m['step']: m.get(key) for m in full}
+  b = {m['step']: m.get(key) for m in accumulated}
+  steps = [k for k in sorted(set(a) & set(b))
+           if a[k] is not None and b[k] is not None]
+  if not steps:
+    return None
+  worst = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for k in steps)
+  return len(steps), float(worst)
+
+
+def summary_section(results: Dict[str, dict],
+                    folder: Optional[Callable[[str], str]] = None) -> str:
+  """The gain per batch size and normalization, against batch 256.
+
+  `folder(run)` is where a run's metrics.jsonl is; with it the accumulation
+  pairs are compared step by step, seed by seed.
+  """
+  cells = _cells(results)
   batches = sorted({k[1] for k in cells if k[2] == 1})
   lines = [
       '## Gain over initialisation by batch size',
       '',
       'Fast-probe linear top-1 minus that of the same encoder at '
       'initialisation (pp), mean ± sample std over seeds (n); in brackets the '
-      'change of the mean from batch 256. Last column: the BYOL paper\'s '
-      'BatchNorm ResNet-50 on ImageNet (300 epochs) and its change from '
-      'batch 256, for the trend only. images/s: training throughput of the '
-      'run that finished the row, on whatever else shared the machine then '
-      '(indicative only; `experiments/benchmark.py` measures speed).',
+      'change from batch 256: the difference of the means ± its standard '
+      'error (sqrt(s1²/n1 + s2²/n2); none with one seed). Last column: the '
+      'BYOL paper\'s BatchNorm ResNet-50 on ImageNet (300 epochs; ± its '
+      'spread where it gives one) and its change from batch 256, for the '
+      'trend only. images/s: training throughput of the run that finished '
+      'the row, on whatever else shared the machine then (indicative only; '
+      '`experiments/benchmark.py` measures speed).',
       '',
       '| batch | ' + ' | '.join(
           f'{NORM_LABELS[n]} gain (pp) | {NORM_LABELS[n]} kNN gain (pp) | '
@@ -125,10 +186,6 @@ def summary_section(results: Dict[str, dict]) -> str:
       ' | paper, BN BYOL (%) |',
       '|---:|' + '---:|---:|---:|' * len(NORMS) + '---:|',
   ]
-
-  def gain(runs):
-    return np.mean([r['gain_over_init'] for r in runs]) * 100
-
   for b in batches:
     row = [str(b)]
     for n in NORMS:
@@ -136,83 +193,132 @@ def summary_section(results: Dict[str, dict]) -> str:
       if not runs:
         row += ['-', '-', '-']
         continue
-      text = study_report.mean_spread([r['gain_over_init'] for r in runs], 100,
-                               sign=True)
       base = cells.get((n, 256, 1))
-      if base and b != 256:
-        text += f' [{gain(runs) - gain(base):+.2f}]'
-      row += [text,
-              study_report.mean_spread([r['knn_top1'] - r['init_knn_top1']
-                                 for r in runs], 100, sign=True),
-              f'{np.mean([images_per_sec(r) for r in runs]):.0f}']
-    paper = PAPER_BN.get(b)
-    row.append('-' if paper is None else
-               f'{paper:.1f} [{paper - PAPER_BN[256]:+.1f}]')
+      texts = []
+      for key in ('linear', 'knn'):
+        text = study_report.mean_spread(_gains(runs, key), 100, sign=True)
+        if base and b != 256:
+          change = study_report.difference(_gains(runs, key),
+                                           _gains(base, key), 100)
+          text += f' [{change}]'
+        texts.append(text)
+      row += texts + [f'{np.mean([images_per_sec(r) for r in runs]):.0f}']
+    row.append(paper_text(b))
     lines.append('| ' + ' | '.join(row) + ' |')
+  lines += ['', '### Change of the linear gain from batch 256', '']
+  for n in NORMS:
+    base = cells.get((n, 256, 1))
+    changes = []
+    for b in sorted(batches, reverse=True):
+      runs = cells.get((n, b, 1))
+      if base and runs and b != 256:
+        change = study_report.difference(_gains(runs), _gains(base), 100)
+        changes.append(f'batch {b}: {change} pp (n={len(runs)} vs '
+                       f'{len(base)})')
+    lines.append(f'- {NORM_LABELS[n]}: ' + (
+        '; '.join(changes) if changes else
+        'no runs at batch 256 and below it yet') + '.')
+  lines.append(
+      '- BYOL paper, BatchNorm (ImageNet top-1, 300 epochs): ' + '; '.join(
+          f'batch {b}: {PAPER_BN[b] - PAPER_BN[256]:+.1f}' +
+          (f' ± {PAPER_BN_STD[b]:.1f}' if b in PAPER_BN_STD else '') + ' pp'
+          for b in sorted(PAPER_BN, reverse=True) if b != 256) +
+      ' (± the spread the paper gives for that batch).')
   pairs = []
   for n in NORMS:
     acc = cells.get((n, 256, ACCUMULATION))
     full = cells.get((n, 256, 1))
-    if acc:
-      text = (f'- {NORM_LABELS[n]}, batch 256 as {ACCUMULATION} accumulated '
-              f'micro-batches of {256 // ACCUMULATION}: gain '
-              f'{study_report.mean_spread([r["gain_over_init"] for r in acc], 100, sign=True)}')
-      if full:
-        text += (f' (one batch of 256: '
-                 f'{study_report.mean_spread([r["gain_over_init"] for r in full], 100, sign=True)}'
-                 f'; final loss {np.mean([r["final_loss"] for r in acc]):.4f} vs '
-                 f'{np.mean([r["final_loss"] for r in full]):.4f})')
-      pairs.append(text + '.')
+    if not acc:
+      continue
+    text = (f'- {NORM_LABELS[n]}, batch 256 as {ACCUMULATION} accumulated '
+            f'micro-batches of {256 // ACCUMULATION}: gain '
+            f'{study_report.mean_spread(_gains(acc), 100, sign=True)}')
+    if full:
+      text += (f' (one batch of 256: '
+               f'{study_report.mean_spread(_gains(full), 100, sign=True)})')
+    pairs.append(text + '.')
+    full_by_seed = {r.get('seed', 0): r for r in full or ()}
+    for r in acc:
+      twin = full_by_seed.get(r.get('seed', 0))
+      if twin is None:
+        continue
+      diff = (f'linear top-1 {study_report.pct(r["linear_top1"])}% vs '
+              f'{study_report.pct(twin["linear_top1"])}%, final loss '
+              f'{r["final_loss"]:.5f} vs {twin["final_loss"]:.5f}')
+      if folder is not None:
+        read = lambda run: metrics.read_metrics(
+            os.path.join(folder(run), 'metrics.jsonl'))
+        a, b = read(twin.get('run', twin['row'])), read(r.get('run', r['row']))
+        for key in ('loss', 'rankme_proj'):
+          match = accumulation_match(a, b, key)
+          if match:
+            diff += (f'; {key} at {match[0]} logged steps: largest relative '
+                     f'difference {match[1]:.1e}')
+      pairs.append(f'  - seed {r.get("seed", 0)}, accumulated vs one batch: '
+                   f'{diff}.')
   if pairs:
-    lines += ['', '### Accumulation pairs', ''] + pairs
+    lines += ['', '### Accumulation pairs', '',
+              'GN+WS has no statistic across examples, so 8 accumulated '
+              'micro-batches of 32 (each example with the augmentations it '
+              'has in the batch of 256) give the batch-256 step up to float '
+              'rounding, which the step-by-step comparison shows; BatchNorm '
+              'normalizes each micro-batch by its own 32 examples.', '']
+    lines += pairs
   return '\n'.join(lines) + '\n'
 
 
 def write_gain_plot(path: str, results: Dict[str, dict]) -> None:
-  """Gain over init against batch size, one line per normalization."""
+  """Gain over init against batch size, one line per normalization, and
+  its change from batch 256 beside the BYOL paper's BatchNorm figures."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, (ax, ax_paper) = plt.subplots(1, 2, figsize=(12, 4.5))
+  cells = _cells(results)
+  fig, (ax, ax_change) = plt.subplots(1, 2, figsize=(13, 5))
   for n, color in zip(NORMS, ('tab:blue', 'tab:orange')):
-    by_batch: Dict[int, List[float]] = {}
-    for r in results.values():
-      if _norm_of(r) == n and _accum_of(r) == 1:
-        by_batch.setdefault(_batch_of(r), []).append(
-            100 * r['gain_over_init'])
-    if not by_batch:
+    bs = sorted(b for (m, b, k) in cells if m == n and k == 1)
+    if not bs:
       continue
-    bs = sorted(by_batch)
-    means = [np.mean(by_batch[b]) for b in bs]
-    stds = [np.std(by_batch[b], ddof=1) if len(by_batch[b]) > 1 else 0.0
-            for b in bs]
-    ax.errorbar(bs, means, yerr=stds, color=color, marker='o', capsize=3,
-                label=NORM_LABELS[n])
+    gains = {b: [100 * g for g in _gains(cells[(n, b, 1)])] for b in bs}
+    stats = [study_report.mean_std(gains[b]) for b in bs]
+    ax.errorbar(bs, [s[0] for s in stats], yerr=[s[1] for s in stats],
+                color=color, marker='o', capsize=3,
+                label=f'{NORM_LABELS[n]} (mean ± std; n={min(s[2] for s in stats)}'
+                f'-{max(s[2] for s in stats)})')
     for b in bs:
-      ax.scatter([b] * len(by_batch[b]), by_batch[b], color=color, s=10,
-                 alpha=0.5)
-    for r in results.values():
-      if _norm_of(r) == n and _accum_of(r) > 1:
-        ax.scatter([_batch_of(r)], [100 * r['gain_over_init']], color=color,
-                   marker='x', s=60,
-                   label=f'{NORM_LABELS[n]}, 256 as {_accum_of(r)} x '
-                   f'{_batch_of(r) // _accum_of(r)}')
-  ax.set_xscale('log', base=2)
-  ax.set_xlabel('batch size (learning rate base x batch / 256)')
+      ax.scatter([b] * len(gains[b]), gains[b], color=color, s=12, alpha=0.5)
+    acc = cells.get((n, 256, ACCUMULATION))
+    if acc:
+      ax.scatter([256 * 1.08] * len(acc), [100 * g for g in _gains(acc)],
+                 color=color, marker='x', s=60,
+                 label=f'{NORM_LABELS[n]}, 256 as {ACCUMULATION} x '
+                 f'{256 // ACCUMULATION}')
+    if 256 in gains:
+      base = gains[256]
+      ax_change.errorbar(
+          bs, [study_report.mean_std(gains[b])[0] - np.mean(base) for b in bs],
+          yerr=[np.sqrt(study_report.mean_std(gains[b])[1] ** 2 / len(gains[b])
+                        + study_report.mean_std(base)[1] ** 2 / len(base))
+                if b != 256 else 0.0 for b in bs],
+          color=color, marker='o', capsize=3,
+          label=f'{NORM_LABELS[n]}, this study (gain over init; ± s.e.)')
+  pb = sorted(PAPER_BN)
+  ax_change.errorbar(pb, [PAPER_BN[b] - PAPER_BN[256] for b in pb],
+                     yerr=[PAPER_BN_STD.get(b, 0.0) for b in pb],
+                     color='tab:orange', ls='--', marker='s', capsize=3,
+                     mfc='none', label='BatchNorm, BYOL paper (ImageNet '
+                     'top-1, ResNet-50, 300 ep)')
+  ax_change.axhline(0, color='k', lw=0.5)
+  for a in (ax, ax_change):
+    a.set_xscale('log', base=2)
+    a.set_xlabel('batch size (learning rate base x batch / 256)')
+    a.legend(fontsize=8)
+    a.grid(True, alpha=0.3)
   ax.set_ylabel('fast-probe gain over initialisation (pp)')
   ax.set_title('This study: local preset on Fashion-MNIST')
-  handles, names = ax.get_legend_handles_labels()
-  unique = dict(zip(names, handles))
-  ax.legend(unique.values(), unique.keys(), fontsize=8)
-  bs = sorted(PAPER_BN)
-  ax_paper.plot(bs, [PAPER_BN[b] for b in bs], color='tab:orange',
-                marker='o', label='BatchNorm BYOL (BYOL paper)')
-  ax_paper.set_xscale('log', base=2)
-  ax_paper.set_xlabel('batch size')
-  ax_paper.set_ylabel('ImageNet linear top-1 (%)')
-  ax_paper.set_title('BYOL paper, ResNet-50, 300 epochs')
-  ax_paper.legend(fontsize=8)
+  ax_change.set_ylabel('change from batch 256 (pp)')
+  ax_change.set_title('Change from batch 256: this study and the BYOL paper')
   fig.tight_layout()
   fig.savefig(path, dpi=100, bbox_inches='tight')
   plt.close(fig)
@@ -242,6 +348,10 @@ _PROBE_TRAIN = flags.DEFINE_integer(
     'examples (-1: all).', flag_values=FLAGS)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny network, 3 steps per run.',
                            flag_values=FLAGS)
+_REPORT_ONLY = flags.DEFINE_bool(
+    'report_only', False, 'Train nothing: rewrite the tables and plots from '
+    'the runs finished under the workdir root, listing those of --batches x '
+    '--seeds not finished yet.', flag_values=FLAGS)
 
 
 def select(batches: Sequence[str], pairs: bool) -> List[study.Row]:
@@ -276,7 +386,8 @@ def main(argv: Sequence[str], printer=print) -> int:
     results_dir = _RESULTS_DIR.value or (
         root if smoke else os.path.join(study.ROOT, 'experiments', 'results'))
     name = 'batch_study'
-    study.run_study(
+    run = study.report_study if _REPORT_ONLY.value else study.run_study
+    run(
         rows, seeds=study.parse_seeds(_SEEDS.value), epochs=epochs,
         dataset=dataset, smoke=smoke, root=root, results_dir=results_dir,
         max_train=_PROBE_TRAIN.value, max_test=-1,
@@ -285,10 +396,11 @@ def main(argv: Sequence[str], printer=print) -> int:
         title=f'# BYOL and the batch size: GN+WS against BatchNorm '
         f'({epochs:g} epochs per run, {dataset})', label=label,
         all_rows=ALL_ROWS)
-    results = study.load_finished(
-        root, ALL_ROWS, record='' if smoke else study.record_dir(
-            results_dir, name, dataset, epochs))
-    section = summary_section(results)
+    record = '' if smoke else study.record_dir(results_dir, name, dataset,
+                                               epochs)
+    results = study.load_finished(root, ALL_ROWS, record=record)
+    section = summary_section(
+        results, folder=lambda run: study.run_dir(run, root, record))
     table = os.path.join(results_dir, f'{name}_{dataset}.md')
     with open(table, 'a') as f:
       f.write('\n' + section)

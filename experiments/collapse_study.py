@@ -22,6 +22,8 @@ Commands:
   python -m experiments.collapse_study --epochs=1.5 --workdir_root=workdirs/collapse_1.5
   python -m experiments.collapse_study --rows=dm,pred_lr_x10 --epochs=5 \
       --workdir_root=workdirs/collapse_5
+  python -m experiments.collapse_study --rows=dm,pred_lr_x10 --epochs=5 \
+      --seeds=0,1 --workdir_root=workdirs/collapse_5 --report_only
 """
 
 import os
@@ -95,6 +97,10 @@ _RESULTS_DIR = flags.DEFINE_string('results_dir', '',
 _PROBE_TRAIN = flags.DEFINE_integer(
     'probe_train_examples', 20000, 'Fit the probes on the first N train '
     'examples (-1: all).', flag_values=FLAGS)
+_REPORT_ONLY = flags.DEFINE_bool(
+    'report_only', False, 'Train nothing: rewrite the table and plot from '
+    'the runs finished under the workdir root, listing those of --rows x '
+    '--seeds not finished yet.', flag_values=FLAGS)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny network, 3 steps per run.', flag_values=FLAGS)
 
 
@@ -113,7 +119,8 @@ def main(argv: Sequence[str], printer=print) -> int:
     root = _WORKDIR_ROOT.value or os.path.join(
         study.ROOT, 'workdirs',
         f'collapse_{dataset}_{epochs:g}ep{"_smoke" if _SMOKE.value else ""}')
-    study.run_study(
+    run = study.report_study if _REPORT_ONLY.value else study.run_study
+    run(
         rows, seeds=study.parse_seeds(_SEEDS.value), epochs=epochs,
         dataset=dataset, smoke=_SMOKE.value, root=root,
         results_dir=_RESULTS_DIR.value or os.path.join(

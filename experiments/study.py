@@ -415,14 +415,33 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
       root, dataset=dataset, image_size=image_size,
       max_train_examples=max_train, max_test_examples=max_test,
       tag=tag, printer=printer)
-  shown = list(all_rows) or list(rows)
+  write_report(
+      list(all_rows) or list(rows), root=root, results_dir=results_dir,
+      record=record, baseline=baseline, dataset=dataset, command=command,
+      max_train=max_train, max_test=max_test, title=title, label=label,
+      expected=list(configs), printer=printer, name=name, tag=tag)
+
+
+def write_report(shown: Sequence[Row], *, root: str, results_dir: str,
+                 record: str, baseline, dataset: str, command: str,
+                 max_train: int, max_test: int, title: str, label,
+                 expected: Sequence[str], printer=print,
+                 name: str = 'ablation', tag: str = 'ablation') -> None:
+  """Writes the table and the plot of every finished run of `shown`.
+
+  `expected` names the runs the command asked for; those not finished are
+  listed in the table and printed.
+  """
   everything = load_finished(root, shown, record=record)
+  started, waiting = study_report.missing_runs(root, expected, everything)
+  missing = study_report.missing_text(started, waiting)
   table_path = os.path.join(results_dir, f'{name}_{dataset}.md')
   plot_path = os.path.join(results_dir, f'{name}_{dataset}.png')
   text = study_report.write_table(
       table_path, everything, baseline, dataset=dataset,
       command=command.strip(), max_train_examples=max_train,
-      max_test_examples=max_test, rows=shown, title=title, label=label)
+      max_test_examples=max_test, rows=shown, title=title, label=label,
+      missing=missing)
   study_report.write_plot(plot_path, everything, baseline,
                           lambda run: run_dir(run, root, record), rows=shown)
   printer('')
@@ -430,3 +449,47 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
   printer(f'[{tag}] wrote {table_path} and {plot_path}')
 
 
+def report_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
+                 dataset: str, smoke: bool, root: str, results_dir: str,
+                 max_train: int, max_test: int, command: str, printer=print,
+                 name: str = 'ablation', tag: str = 'ablation',
+                 title: str = '', label=Row.label,
+                 all_rows: Sequence[Row] = ()) -> None:
+  """`run_study`'s table and plot from what `root` holds now; trains nothing.
+
+  The same arguments as `run_study` (the same command with --report_only):
+  the runs of `rows` x `seeds` not finished yet are listed; the finished
+  ones are copied to the study's record folder, as `run_study` does; the
+  raw-pixel baseline is read from the root's cache, never fitted.
+
+  Raises:
+    UserError: no root, or a finished run of another length than `epochs`
+      (its record would be filed under the wrong name).
+  """
+  if not os.path.isdir(root):
+    raise UserError(f'no workdir root {root}')
+  default_probe = SMOKE_PROBE_EXAMPLES if smoke else -1
+  max_train = max_train if max_train != -1 else default_probe
+  max_test = max_test if max_test != -1 else default_probe
+  shown = list(all_rows) or list(rows)
+  record = '' if smoke else record_dir(results_dir, name, dataset, epochs)
+  for run, result in load_finished(root, shown).items():
+    length = result['config']['training']['epochs']
+    if float(length) != float(epochs):
+      raise UserError(f'run {run} in {root} is {length:g} epochs long, not '
+                      f'{epochs:g}; pass --epochs={length:g}')
+  os.makedirs(results_dir, exist_ok=True)
+  if record:
+    for run in load_finished(root, shown):
+      keep_record(run, root, record)
+  config = row_config(rows[0], dataset=dataset, epochs=epochs, smoke=smoke)
+  baseline = study_report.cached_baseline(root, dict(
+      dataset=dataset, image_size=config.data.image_size,
+      max_train_examples=max_train, max_test_examples=max_test))
+  printer(f'[{tag}] report only: the finished runs under {root}')
+  write_report(shown, root=root, results_dir=results_dir, record=record,
+               baseline=baseline, dataset=dataset, command=command,
+               max_train=max_train, max_test=max_test, title=title,
+               label=label,
+               expected=[run_name(r, s) for s in seeds for r in rows],
+               printer=printer, name=name, tag=tag)

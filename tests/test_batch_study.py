@@ -45,7 +45,7 @@ def _result(norm, batch, seed, gain, accum=1, knn_gain=0.01):
       'overrides': {'model.encoder.norm': 'gn' if norm == 'gnws' else norm},
       'config': {'training': {'batch_size': batch,
                               'accumulation_steps': accum}},
-      'gain_over_init': gain, 'knn_top1': 0.5 + knn_gain, 'init_knn_top1': 0.5,
+      'gain_over_init': gain, 'linear_top1': 0.7 + gain, 'knn_top1': 0.5 + knn_gain, 'init_knn_top1': 0.5,
       'steps': 100, 'resumed_from_step': 20, 'pretrain_time_sec': 40.0,
       'final_loss': 0.5 + gain,
   }
@@ -61,9 +61,10 @@ def test_summary_section_reports_gains_spreads_and_change_from_256():
   text = batch_study.summary_section(results)
   line32 = next(l for l in text.splitlines() if l.startswith('| 32 |'))
   cells = [c.strip() for c in line32.strip('|').split('|')]
-  # GN+WS at 32: mean 10.00 ± 1.41 (n=2), 1 pp below its batch-256 mean.
-  assert cells[1] == '+10.00 ± 1.41 (n=2) [-1.00]'
-  assert cells[2] == '+1.00 ± 0.00 (n=2)'
+  # GN+WS at 32: mean 10.00 ± 1.41 (n=2), 1 pp below its batch-256 mean
+  # (± the standard error of that difference, sqrt(2/2 + 2/2)).
+  assert cells[1] == '+10.00 ± 1.41 (n=2) [-1.00 ± 1.41]'
+  assert cells[2] == '+1.00 ± 0.00 (n=2) [+0.00 ± 0.00]'
   # (100 - 20) steps x 32 images in 40 s.
   assert cells[3] == '64'
   assert cells[4] == '+2.00 [-6.00]'  # BN, one seed
@@ -74,6 +75,8 @@ def test_summary_section_reports_gains_spreads_and_change_from_256():
   assert '71.8 [+0.0]' in line256
   assert 'batch 256 as 8 accumulated micro-batches of 32: gain +10.50' in text
   assert '(one batch of 256: +11.00 ± 1.41 (n=2)' in text
+  assert ('seed 0, accumulated vs one batch: linear top-1 80.50% vs 80.00%, '
+          'final loss 0.60500 vs 0.60000.') in text
 
 
 def test_finished_runs_are_kept_as_records_and_read_back(tmp_path):
