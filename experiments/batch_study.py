@@ -273,6 +273,7 @@ def write_gain_plot(path: str, results: Dict[str, dict]) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
   cells = _cells(results)
   fig, (ax, ax_change) = plt.subplots(1, 2, figsize=(13, 5))
@@ -282,10 +283,11 @@ def write_gain_plot(path: str, results: Dict[str, dict]) -> None:
       continue
     gains = {b: [100 * g for g in _gains(cells[(n, b, 1)])] for b in bs}
     stats = [study_report.mean_std(gains[b]) for b in bs]
+    counts = sorted({s[2] for s in stats})
     ax.errorbar(bs, [s[0] for s in stats], yerr=[s[1] for s in stats],
                 color=color, marker='o', capsize=3,
-                label=f'{NORM_LABELS[n]} (mean ± std; n={min(s[2] for s in stats)}'
-                f'-{max(s[2] for s in stats)})')
+                label=f'{NORM_LABELS[n]} (mean ± std over seeds; n='
+                f'{"-".join(str(c) for c in counts[::max(len(counts) - 1, 1)])})')
     for b in bs:
       ax.scatter([b] * len(gains[b]), gains[b], color=color, s=12, alpha=0.5)
     acc = cells.get((n, 256, ACCUMULATION))
@@ -312,6 +314,7 @@ def write_gain_plot(path: str, results: Dict[str, dict]) -> None:
   ax_change.axhline(0, color='k', lw=0.5)
   for a in (ax, ax_change):
     a.set_xscale('log', base=2)
+    a.xaxis.set_major_formatter(ticker.FormatStrFormatter('%d'))
     a.set_xlabel('batch size (learning rate base x batch / 256)')
     a.legend(fontsize=8)
     a.grid(True, alpha=0.3)

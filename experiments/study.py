@@ -7,7 +7,9 @@ fast linear probe and kNN of the trained encoder and of the same encoder at
 initialisation, proj_std and RankMe at step 0 and at the end. A finished run
 leaves `row_summary.json` and is skipped by a rerun; an interrupted one
 resumes from its last checkpoint. `run_study` then writes the markdown table
-(mean and spread over seeds) and the plot from every finished run.
+(mean and spread over seeds) and the plot from every finished run;
+`report_study` (a study's `--report_only`) writes them without training, from
+whatever the workdir root holds, and lists the runs not finished yet.
 
 The ablation table (`experiments/ablation.py`) and the collapse study
 (`experiments/collapse_study.py`) are two such lists, the batch-size study

@@ -8,6 +8,7 @@ runs the rows and writes them) and their metrics.jsonl; nothing trains.
 import datetime
 import json
 import os
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import ml_collections
@@ -317,9 +318,11 @@ def geometric_mean_curve(curves: Sequence[Tuple[np.ndarray, np.ndarray]]
   for x, y in curves:
     index = {v: i for i, v in enumerate(x)}
     stacked.append([y[index[v]] for v in common])
-  with np.errstate(divide='ignore', invalid='ignore'):
-    logs = np.log(np.maximum(np.asarray(stacked), 1e-12))
-  return common, np.exp(np.nanmean(logs, axis=0))
+  logs = np.log(np.maximum(np.asarray(stacked, np.float64), 1e-12))
+  with warnings.catch_warnings():
+    # A step where every seed logged NaN (a diverged run) stays NaN.
+    warnings.simplefilter('ignore', category=RuntimeWarning)
+    return common, np.exp(np.nanmean(logs, axis=0))
 
 
 def write_plot(path: str, results: Dict[str, dict], baseline: Optional[dict],
@@ -374,9 +377,13 @@ def write_plot(path: str, results: Dict[str, dict], baseline: Optional[dict],
                     fontsize=7)
   if baseline:
     ax_bar.axvline(100 * baseline['top1_accuracy'], color='k', ls=':', lw=1)
-  ax_bar.set_yticks(y, [f'{n} (n={len(grouped[n])}; collapsed: '
-                        f'{verdict_counts(grouped[n])})' for n in names],
-                    fontsize=8)
+  def tick(n):
+    runs = grouped[n]
+    verdict = (verdicts[n] if len({r.get('collapse') for r in runs}) == 1
+               else verdict_counts(runs))
+    return f'{n} (n={len(runs)}; collapsed: {verdict})'
+
+  ax_bar.set_yticks(y, [tick(n) for n in names], fontsize=8)
   for tick, n in zip(ax_bar.get_yticklabels(), names):
     tick.set_color({'yes': 'tab:red', 'partial': 'tab:brown'}.get(
         verdicts[n], 'k'))
@@ -422,10 +429,12 @@ def write_plot(path: str, results: Dict[str, dict], baseline: Optional[dict],
                 lw=2.0)
   for ax in (ax_std, ax_rank):
     ax.set_yscale('log')
-    # Plain numbers at the decades and no labels between them: the minor
-    # ticks' '6x10^0' labels overlap on a short axis.
+    # Plain numbers at 1, 2 and 5 times the decades: the default minor
+    # labels ('6x10^0') overlap on a short axis, none leave a decade bare.
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
-    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter('%g'))
+    ax.tick_params(axis='y', which='minor', labelsize=7)
     ax.set_xlabel('epoch')
     ax.grid(True, which='major', alpha=0.3)
   ax_std.set_ylabel('proj_std of the projections (training batch)')
