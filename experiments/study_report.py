@@ -276,12 +276,48 @@ def worst_verdict(runs: Sequence[dict]) -> str:
 
 
 def row_colors(n: int) -> List[tuple]:
-  """`n` distinguishable colours: tab10, then Dark2 (14 rows need both)."""
+  """`n` distinguishable colours: tab10, then Dark2 (14 rows need both),
+  without their greys, which the initialisation bars use."""
   import matplotlib  # pylint: disable=g-import-not-at-top
-  palette = (list(matplotlib.colormaps['tab10'].colors) +
-             list(matplotlib.colormaps['Dark2'].colors) +
-             list(matplotlib.colormaps['Set1'].colors))
+  palette = [c for name in ('tab10', 'Dark2', 'Set1')
+             for c in matplotlib.colormaps[name].colors
+             if max(c[:3]) - min(c[:3]) > 0.05]
   return [palette[i % len(palette)] for i in range(n)]
+
+
+def label_line_ends(ax, ends: Sequence[Tuple[str, float, float, tuple]],
+                    fontsize: float = 7) -> None:
+  """Writes each row's name at the end of its curve on a log-y axis, nudged
+  apart vertically so that rows ending close together stay readable.
+
+  Args:
+    ax: the axis (log y scale, limits already final).
+    ends: (text, last x, last y, colour) per curve.
+    fontsize: of the labels.
+  """
+  ends = [e for e in ends if np.isfinite(e[2]) and e[2] > 0]
+  if not ends:
+    return
+  lo, hi = (np.log10(v) for v in ax.get_ylim())
+  height = ax.get_window_extent().height or 300.0
+  # One label height in decades: fontsize points at 100 dpi over the axis.
+  gap = (hi - lo) * 1.15 * fontsize * 100 / 72 / height
+  order = sorted(ends, key=lambda e: e[2])
+  placed = []
+  for text, x, y, color in order:
+    pos = np.log10(y)
+    if placed and pos < placed[-1] + gap:
+      pos = placed[-1] + gap
+    placed.append(pos)
+  # Pushed past the top: shift the whole stack down, keeping the gaps.
+  excess = placed[-1] - (hi - gap / 2)
+  if excess > 0:
+    placed = [p - excess for p in placed]
+  x_end = max(e[1] for e in ends)
+  for (text, _, _, color), pos in zip(order, placed):
+    ax.annotate(text, (x_end, 10 ** pos), xytext=(4, 0),
+                textcoords='offset points', va='center', fontsize=fontsize,
+                color=color, annotation_clip=False)
 
 
 # Line style per collapse verdict (the worst over a row's seeds).
@@ -410,6 +446,7 @@ def write_plot(path: str, results: Dict[str, dict], baseline: Optional[dict],
                 bbox_to_anchor=(0.5, -0.12 - 0.6 / height), ncol=2,
                 fontsize=8)
 
+  ends = {}
   for n in names:
     style = VERDICT_STYLE[verdicts[n]]
     for ax, key, step0 in ((ax_std, 'proj_std', 'proj_std_step0'),
@@ -427,6 +464,8 @@ def write_plot(path: str, results: Dict[str, dict], baseline: Optional[dict],
         x, mean = geometric_mean_curve(curves)
         ax.plot(x, np.maximum(mean, 1e-8), color=colors[n], ls=style,
                 lw=2.0)
+        if len(x):
+          ends.setdefault(ax, []).append((n, x[-1], mean[-1], colors[n]))
   for ax in (ax_std, ax_rank):
     ax.set_yscale('log')
     # Plain numbers at 1, 2 and 5 times the decades: the default minor
@@ -440,6 +479,10 @@ def write_plot(path: str, results: Dict[str, dict], baseline: Optional[dict],
   ax_std.set_ylabel('proj_std of the projections (training batch)')
   ax_std.set_title('proj_std (thin: seeds; thick: their geometric mean)')
   ax_rank.set_ylabel('RankMe of the projections (fixed batch)')
+  # The layout first, then the labels: their spacing needs the final axes.
+  fig.tight_layout()
+  for ax, items in ends.items():
+    label_line_ends(ax, items)
   ax_rank.set_title('Effective rank (thin: seeds; thick: geometric mean)')
   row_key = [Line2D([], [], color=colors[n], lw=2, ls=VERDICT_STYLE[verdicts[n]],
                     label=f'{n} (n={len(grouped[n])})') for n in names]
