@@ -8,23 +8,12 @@ import sys
 import pytest
 
 import data_fixtures
-from tiny_runs import assert_user_error
+from tiny_runs import TINY_NET, assert_user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    '--config=configs/byol.py:local',
-    '--config.model.encoder.width_multiplier=0.125',
-    '--config.model.encoder.num_groups=4',
-    '--config.model.projector.hidden_size=32',
-    '--config.model.projector.output_size=16',
-    '--config.model.projector.num_groups=4',
-    '--config.model.predictor.hidden_size=32',
-    '--config.model.predictor.output_size=16',
-    '--config.model.predictor.num_groups=4',
-    '--config.data.image_size=16',
-    '--config.training.batch_size=8',
-    '--config.evaluators.collapse.batch_size=8',
-]
+TINY = ['--config=configs/byol.py:local', *TINY_NET,
+        '--config.training.batch_size=8',
+        '--config.evaluators.collapse.batch_size=8']
 
 
 def run_main(args, workdir, timeout=400):
