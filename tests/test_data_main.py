@@ -29,7 +29,8 @@ def _listing(path):
 
 
 @pytest.mark.parametrize('case', ['unknown_prefix', 'one_class', 'no_images',
-                                  'not_tfds_image'])
+                                  'not_tfds_image', 'no_such_split',
+                                  'zero_std'])
 def test_bad_data_is_one_error_line_and_nothing_lost(tmp_path, case):
   images = tmp_path / 'images'
   images.mkdir()
@@ -42,6 +43,16 @@ def test_bad_data_is_one_error_line_and_nothing_lost(tmp_path, case):
   elif case == 'no_images':
     (images / 'readme.txt').write_text('no images here')
     name, fragment = f'folder:{images}', 'no readable images'
+  elif case == 'no_such_split':
+    # (No corrupt JPEG: libjpeg would warn on stderr as it is skipped.)
+    data_fixtures.write_image_folder(str(images), per_class=2,
+                                     classes=('dog', 'emu'))
+    name, fragment = f'folder:{images}', 'has no UNLABELLED split'
+    extra = ['--config.data.pretrain_split=unlabelled']
+  elif case == 'zero_std':
+    name, fragment = 'fashion_mnist', 'data.std must be > 0'
+    extra = ['--config.data.mean=(0.3, 0.3, 0.3)',
+             '--config.data.std=(0.35, 0.0, 0.35)']
   else:
     data_fixtures.prepare_tiny_tfds(tmp_path / 'tfds', image=False)
     name, fragment = 'tfds:byol_tiny_tensors', 'not an image-classification'
@@ -55,7 +66,7 @@ def test_bad_data_is_one_error_line_and_nothing_lost(tmp_path, case):
                      '--config.training.max_steps=2'], workdir)
   assert_user_error(result, fragment)
   assert _listing(workdir) == before
-  if case in ('no_images', 'not_tfds_image'):
+  if case in ('no_images', 'not_tfds_image', 'no_such_split', 'zero_std'):
     return  # (the other cases check a new workdir too)
   # And a workdir that did not exist is not left behind.
   result = run_main([*TINY, f'--config.data.dataset={name}', *extra,
@@ -94,3 +105,41 @@ def test_pretrain_and_evaluate_a_folder(tmp_path):
     evaluation = json.load(f)
   assert evaluation['num_test_examples'] == len(manifest['files']['TEST'])
   assert 0.0 <= evaluation['top1_accuracy'] <= 1.0
+
+
+@pytest.mark.slow
+def test_pretrain_on_an_unlabelled_split_and_evaluate_on_the_labelled(
+    tmp_path):
+  """STL-10's arrangement (train, test, unlabelled with label -1): the
+  automatic pretraining split is train then unlabelled, with statistics
+  given in the config; evaluation reads the labelled splits."""
+  data_dir = tmp_path / 'tfds'
+  data_fixtures.prepare_tiny_stl(data_dir)
+  workdir = tmp_path / 'work'
+  result = run_main([*TINY, '--config.data.dataset=tfds:byol_tiny_stl',
+                     f'--config.data.data_dir={data_dir}',
+                     '--config.data.mean=(0.5, 0.5, 0.5)',
+                     '--config.data.std=(0.25, 0.25, 0.25)',
+                     '--config.training.max_steps=2',
+                     "--config.evaluators.schedule=((2, 'online_classifier'),)"],
+                    workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / 'dataset.json') as f:
+    manifest = json.load(f)
+  assert manifest['pretrain_split'] == 'TRAIN_AND_VALID_AND_UNLABELLED'
+  assert manifest['num_examples']['TRAIN_AND_VALID_AND_UNLABELLED'] == 32
+  assert manifest['normalization'] == {'mean': [0.5] * 3, 'std': [0.25] * 3,
+                                       'source': 'config'}
+  with open(workdir / 'metrics.jsonl') as f:
+    last = [json.loads(line) for line in f][-1]
+  # The online classifier, trained on the labelled images only, is tested
+  # on all 6 TEST images.
+  assert 0.0 <= last['eval_top1_accuracy'] <= 1.0
+  result = run_main(['--config=configs/eval.py:local',
+                     '--config.training.max_steps=2',
+                     '--config.training.batch_size=8',
+                     '--config.data.image_size=8'], workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / 'eval_linear' / 'summary.json') as f:
+    evaluation = json.load(f)
+  assert evaluation['num_test_examples'] == 6

@@ -321,6 +321,17 @@ def test_unlabelled_examples_leave_the_online_classifier_alone():
   assert float(none['top1_accuracy']) == 0.0
 
 
+@pytest.mark.parametrize('field, value, match', [
+    ('data.pretrain_split', 'test', 'pretrain_split must be'),
+    ('data.pretrain_split', 'extra', 'pretrain_split must be'),
+    ('data.std', (0.3, 0.3, 0.3), 'together'),
+])
+def test_data_fields_are_checked_before_any_data_is_read(field, value, match):
+  config = tiny_config('local', **{field: value})
+  with pytest.raises(experiment.ConfigError, match=match):
+    experiment.validate_config(config)
+
+
 def test_images_per_pass_must_not_be_negative():
   config = tiny_config('local', **{'training.images_per_pass': -1})
   with pytest.raises(experiment.ConfigError, match='images_per_pass'):
