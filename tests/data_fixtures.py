@@ -113,6 +113,7 @@ def _tiny_builders():
   _BUILDERS[False] = make(False, 'ByolTinyTensors',
                           (('train', 30), ('validation', 9)))
   _BUILDERS['stl'] = make(True, 'ByolTinyStl', STL_SPLITS)
+  _BUILDERS['no_train'] = make(True, 'ByolTinyNoTrain', (('test', 4),))
   return _BUILDERS
 
 
@@ -134,13 +135,14 @@ def prepare_tiny_tfds(data_dir, image=True):
   return builder
 
 
-def prepare_tiny_stl(data_dir):
+def prepare_tiny_stl(data_dir, kind='stl'):
   """Prepares byol_tiny_stl in `data_dir` (`STL_SPLITS`); returns its builder.
 
   As STL-10: labelled train and test splits (label i % 3) and an
-  `unlabelled` split whose stored labels are -1.
+  `unlabelled` split whose stored labels are -1. `kind='no_train'` prepares
+  byol_tiny_no_train instead: 4 test images and no train split.
   """
-  builder = _tiny_builders()['stl'](data_dir=str(data_dir))
+  builder = _tiny_builders()[kind](data_dir=str(data_dir))
   builder.download_and_prepare()
   return builder
 

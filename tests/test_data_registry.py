@@ -119,6 +119,14 @@ def test_images_are_rgb_in_range(labelled):
     image = encoded.centre_crop_any(f.read(), 16).numpy()
   chex.assert_trees_all_close(image[..., 0], image[..., 1])
   chex.assert_trees_all_close(image[..., 0], image[..., 2])
+  # An RGBA PNG keeps its colours and drops the alpha channel.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rgba_path = os.path.join(root, 'cat', '3.png')
+  rgba = np.asarray(Image.open(rgba_path))
+  assert rgba.shape[-1] == 4
+  with open(rgba_path, 'rb') as f:
+    decoded = encoded.decode_rgb(f.read()).numpy()
+  np.testing.assert_array_equal(decoded, rgba[..., :3])
 
 
 def test_two_processes_share_every_example_once(labelled):
@@ -401,6 +409,12 @@ def test_a_split_the_dataset_lacks_is_refused(labelled, tiny_tfds):
     next(_load('fashion_mnist', Split.UNLABELLED, Mode.PRETRAIN))
   with pytest.raises(dataset.DatasetError, match='unknown split'):
     dataset.pretrain_split(_data('fashion_mnist', pretrain_split='extra'))
+
+
+def test_a_tfds_dataset_without_a_train_split_is_refused(tmp_path):
+  data_fixtures.prepare_tiny_stl(tmp_path, kind='no_train')
+  with pytest.raises(dataset.DatasetError, match='has no train split'):
+    dataset.num_examples(Split.TEST, 'tfds:byol_tiny_no_train', str(tmp_path))
 
 
 def test_folder_unlabelled_subfolder(tmp_path):
