@@ -82,12 +82,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   # Statistics and the split are checked before anything reads the data.
   if config.data.get('pretrain_split', ''):
     name = config.data.pretrain_split
-    if not isinstance(name, str) or name.upper() not in (
-        s.name for s in dataset_lib.Split) or name.upper() == 'TEST':
+    allowed = [s.name.lower() for s in dataset_lib.Split
+               if s != dataset_lib.Split.TEST]
+    if not isinstance(name, str) or name.lower() not in allowed:
       raise ConfigError(
           f'data.pretrain_split must be empty (automatic) or one of '
-          f'{", ".join(s.name.lower() for s in dataset_lib.Split if s.name != "TEST")}'
-          f', got {name!r}')
+          f'{", ".join(allowed)}, got {name!r}')
   try:
     dataset_lib.given_stats(config.data)
   except dataset_lib.DatasetError as e:

@@ -174,9 +174,9 @@ class Source:
     return {'dataset': self.name, 'labelled': self.labelled,
             'classes': list(self.class_names), 'num_examples': sizes,
             'pretrain_split': pretrain_split.name,
-            'normalization': stats_record(
-                given or self.stats_of(pretrain_split),
-                None if given else pretrain_split)}
+            'normalization': (
+                stats_record(given, None) if given is not None else
+                stats_record(self.stats_of(pretrain_split), pretrain_split))}
 
 
 Stats = Tuple[np.ndarray, np.ndarray]
