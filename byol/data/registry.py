@@ -154,6 +154,8 @@ class Source:
     return mean.astype(np.float32), std.astype(np.float32)
 
   def has_split(self, split: Split) -> bool:
+    """Whether the source has `split` (UNLABELLED only where it has such
+    images)."""
     try:
       self.num_examples(split)
     except DatasetError:
