@@ -57,7 +57,6 @@ from byol.data import imagenet
 from byol.data import registry
 # The public names of the input side, for `dataset.X` callers.
 from byol.data.crops import centre_crop_box  # pylint: disable=unused-import
-from byol.data.registry import write_manifest  # pylint: disable=unused-import
 from byol.data.splits import (DATASETS, DatasetError, DatasetNotFoundError,  # pylint: disable=unused-import
                               PreprocessMode, Split, as_split, check_dataset,
                               num_classes, num_examples, tf)
@@ -76,14 +75,16 @@ FASHION_MNIST_STD = (0.3530242,) * 3
 
 
 def normalization_stats(dataset: str,
-                        data_dir: Optional[str] = None
+                        data_dir: Optional[str] = None,
+                        split: Split = Split.TRAIN_AND_VALID
                         ) -> Tuple[np.ndarray, np.ndarray]:
   """Per-channel (mean, std) float32 arrays of shape [3].
 
   ImageNet's for imagenet2012 and mock, Fashion-MNIST's own for
   fashion_mnist; for a `tfds:`, `tfds_dir:` or `folder:` source, those of a
-  fixed sample of its training split, computed once per process (see
-  `byol/data/registry.py`; `data_dir`: the tfds data dir of a `tfds:` one).
+  fixed sample of `split` (the pretraining split), computed once per process
+  (see `byol/data/registry.py`; `data_dir`: the tfds data dir of a `tfds:`
+  one). `data_normalization` adds the statistics a config gives.
   """
   dataset = check_dataset(dataset)
   if dataset == 'fashion_mnist':
@@ -92,8 +93,88 @@ def normalization_stats(dataset: str,
     mean, std = IMAGENET_MEAN, IMAGENET_STD
   else:
     _hide_accelerators_from_tf()
-    return registry.resolve(dataset, data_dir or None).stats
+    return registry.resolve(dataset, data_dir or None).stats_of(split)
   return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
+# The channels of every image the pipelines yield (gray images are given
+# three equal ones), hence the length of `data.mean` and `data.std`.
+CHANNELS = 3
+
+
+def given_stats(data) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+  """The (mean, std) a config's `data` block gives, None when it gives none.
+
+  `data.mean` and `data.std` go together: both empty (the dataset's known or
+  sampled statistics) or both `CHANNELS` finite numbers, every std > 0.
+  Configs written before these fields existed give none.
+
+  Raises:
+    DatasetError: one given without the other, a wrong length, a
+      non-finite value or a std <= 0.
+  """
+  mean, std = tuple(data.get('mean', ()) or ()), tuple(data.get('std', ()) or ())
+  if not mean and not std:
+    return None
+  if not mean or not std:
+    raise DatasetError('give data.mean and data.std together (or neither: '
+                       "the dataset's own statistics)")
+  for field, values in (('mean', mean), ('std', std)):
+    if len(values) != CHANNELS:
+      raise DatasetError(
+          f'data.{field} must hold {CHANNELS} values, one per RGB channel '
+          f'(gray images have three equal ones), got {len(values)}')
+    if not all(isinstance(v, (int, float, np.number)) and
+               not isinstance(v, bool) and np.isfinite(v) for v in values):
+      raise DatasetError(f'data.{field} must hold finite numbers, got '
+                         f'{values}')
+  if min(std) <= 0:
+    raise DatasetError(f'data.std must be > 0 in every channel, got {std}')
+  return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
+def pretrain_split(data) -> Split:
+  """The split a config's `data` block pretrains on.
+
+  `data.pretrain_split` names it; '' (the default) is TRAIN_AND_VALID, then
+  the source's UNLABELLED images where it has some (STL-10's `unlabelled`,
+  a folder's `unlabelled/`): TRAIN_AND_VALID_AND_UNLABELLED. TEST is never
+  pretrained on.
+
+  Raises:
+    DatasetError: an unknown split, TEST, or a split the source lacks.
+  """
+  name = data.get('pretrain_split', '') or ''
+  dataset = check_dataset(data.dataset)
+  if not name:
+    if dataset in registry.BUILTIN:
+      return Split.TRAIN_AND_VALID
+    source = registry.resolve(dataset, data.data_dir or None)
+    return (Split.TRAIN_AND_VALID_AND_UNLABELLED
+            if source.has_split(Split.UNLABELLED) else Split.TRAIN_AND_VALID)
+  split = Split.from_string(name)
+  if split == Split.TEST:
+    raise DatasetError('data.pretrain_split=test: TEST is what results are '
+                       'reported on, never trained on')
+  num_examples(split, dataset, data.data_dir or None)  # it exists
+  return split
+
+
+def data_normalization(data) -> Tuple[np.ndarray, np.ndarray]:
+  """The (mean, std) of a config's `data` block: those it gives, else the
+  dataset's known ones or those of a sample of its pretraining split."""
+  given = given_stats(data)
+  if given is not None:
+    return given
+  return normalization_stats(data.dataset, data.data_dir or None,
+                             pretrain_split(data))
+
+
+def write_data_manifest(data, workdir: str) -> None:
+  """`<workdir>/dataset.json` of the run of a config's `data` block (see
+  `registry.write_manifest`)."""
+  registry.write_manifest(data.dataset, data.data_dir or None, workdir,
+                          pretrain_split(data), given_stats(data))
 
 
 def has_labels(dataset: str, data_dir: Optional[str] = None) -> bool:
@@ -104,12 +185,20 @@ def has_labels(dataset: str, data_dir: Optional[str] = None) -> bool:
 
 
 def normalize(images, dataset: str, data_dir: Optional[str] = None):
-  """(images - mean) / std over the last (channel) axis.
+  """(images - mean) / std over the last (channel) axis, with the dataset's
+  `normalization_stats`.
 
   Works on numpy arrays and on jax arrays inside jit/pmap alike: the
   statistics are numpy constants, so the result has the type of `images`.
   """
   mean, std = normalization_stats(dataset, data_dir)
+  return (images - mean) / std
+
+
+def normalize_as(images, data):
+  """`normalize` with the statistics of a config's `data` block
+  (`data_normalization`): what the network of that config does."""
+  mean, std = data_normalization(data)
   return (images - mean) / std
 
 
@@ -176,6 +265,8 @@ def load(split: Union[Split, str], *,
       process_count)
   data_dir = data_dir or None
   _hide_accelerators_from_tf()
+  if dataset in registry.BUILTIN:
+    num_examples(split, dataset, data_dir)  # a split it has
   if subset is not None:
     subset = _check_subset(subset, split, dataset, data_dir)
   if dataset == 'fashion_mnist':

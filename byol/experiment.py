@@ -79,6 +79,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     dataset_lib.check_dataset(config.data.dataset)
   except dataset_lib.DatasetError as e:
     raise ConfigError(f'data.dataset: {e}') from None
+  # Statistics and the split are checked before anything reads the data.
+  if config.data.get('pretrain_split', ''):
+    name = config.data.pretrain_split
+    allowed = [s.name.lower() for s in dataset_lib.Split
+               if s != dataset_lib.Split.TEST]
+    if not isinstance(name, str) or name.lower() not in allowed:
+      raise ConfigError(
+          f'data.pretrain_split must be empty (automatic) or one of '
+          f'{", ".join(allowed)}, got {name!r}')
+  try:
+    dataset_lib.given_stats(config.data)
+  except dataset_lib.DatasetError as e:
+    raise ConfigError(str(e)) from None
   steps = num_steps(config)
   if steps > MAX_STEPS:
     raise ConfigError(
@@ -184,13 +197,13 @@ def num_steps(config: ml_collections.ConfigDict) -> int:
   t = config.training
   return num_steps_for(
       t.epochs, t.max_steps,
-      dataset_lib.num_examples(dataset_lib.Split.TRAIN_AND_VALID,
+      dataset_lib.num_examples(dataset_lib.pretrain_split(config.data),
                                config.data.dataset,
                                config.data.data_dir or None), t.batch_size)
 
 
 def warmup_steps(config: ml_collections.ConfigDict) -> int:
-  examples = dataset_lib.num_examples(dataset_lib.Split.TRAIN_AND_VALID,
+  examples = dataset_lib.num_examples(dataset_lib.pretrain_split(config.data),
                                       config.data.dataset,
                                       config.data.data_dir or None)
   return int(config.training.warmup_epochs * examples
@@ -218,7 +231,7 @@ def augmented_batch(config: ml_collections.ConfigDict, batch_size: int, *,
   """
   c = config
   batch = next(dataset_lib.load(
-      dataset_lib.Split.TRAIN_AND_VALID,
+      dataset_lib.pretrain_split(c.data),
       preprocess_mode=dataset_lib.PreprocessMode.PRETRAIN,
       batch_dims=[batch_size], dataset=c.data.dataset,
       image_size=c.data.image_size, data_dir=c.data.data_dir or None,
@@ -373,7 +386,7 @@ class PretrainExperiment:
     """Batches of steps `start_step`, `start_step + 1`, ... on the devices."""
     c = self.config
     it = dataset_lib.load(
-        dataset_lib.Split.TRAIN_AND_VALID,
+        dataset_lib.pretrain_split(c.data),
         preprocess_mode=dataset_lib.PreprocessMode.PRETRAIN,
         batch_dims=[self.local_devices, self.accum, self.per_device_batch],
         dataset=c.data.dataset, image_size=c.data.image_size,

@@ -144,9 +144,8 @@ class Network:
     # evaluated on another dataset (transfer).
     self.forward = make_forward(
         config, self.num_classes, axis_name,
-        normalize=functools.partial(dataset_lib.normalize,
-                                    dataset=self.dataset,
-                                    data_dir=self.data_dir))
+        normalize=functools.partial(dataset_lib.normalize_as,
+                                    data=config.data))
 
   def single_device(self) -> 'Network':
     """The same network without a cross-replica axis (jit, or no pmap)."""

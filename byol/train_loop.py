@@ -61,9 +61,17 @@ def _flatten_config(d, prefix=''):
   return out
 
 
+# Fields added after runs were written, with the value that means what their
+# absence meant: an old run resumes under a new config that leaves them so.
+ADDED_FIELDS = {'data.pretrain_split': '', 'data.mean': [], 'data.std': []}
+
+
 def config_differences(old: dict, new: dict):
   """Config fields (dotted) whose values differ, ignoring resumable ones."""
   a, b = _flatten_config(old), _flatten_config(new)
+  for key, default in ADDED_FIELDS.items():
+    a.setdefault(key, default)
+    b.setdefault(key, default)
   keys = sorted(set(a) | set(b))
   return [k for k in keys if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
           and not k.startswith(RESUMABLE_PREFIXES)]
@@ -191,8 +199,7 @@ def train(exp) -> Dict[str, Any]:
     files.write_text(os.path.join(exp.workdir, 'config.json'),
                      exp.config.to_json_best_effort(indent=2, sort_keys=True))
     # A tfds:/tfds_dir:/folder: source: its files, splits and statistics.
-    dataset_lib.write_manifest(exp.config.data.dataset,
-                               exp.config.data.data_dir, exp.workdir)
+    dataset_lib.write_data_manifest(exp.config.data, exp.workdir)
   writer = metrics_lib.MetricsWriter(exp.workdir, enabled=exp.is_chief,
                                      keep=keep)
   try:

@@ -107,9 +107,14 @@ def loss_fn(online_params, online_state, target_params, target_state, rng,
                                temperature=config.training.temperature,
                                axis_name=axis_name)
   logits = out1['logits'].astype(jnp.float32)
+  # Unlabelled images (label -1, e.g. STL-10's `unlabelled` split) neither
+  # train the online classifier nor count in its accuracy.
+  labelled = (labels >= 0).astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(labelled), 1.0)
   one_hot = jax.nn.one_hot(labels, logits.shape[-1])
-  classif_loss = jnp.mean(optax.softmax_cross_entropy(logits, one_hot))
-  top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
+  classif_loss = jnp.sum(
+      optax.softmax_cross_entropy(logits, one_hot) * labelled) / count
+  top1 = jnp.sum((jnp.argmax(logits, -1) == labels) * labelled) / count
   loss = repr_loss + classif_loss
   logs = dict(loss=loss, repr_loss=repr_loss, classif_loss=classif_loss,
               top1_accuracy=top1,

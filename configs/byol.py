@@ -130,8 +130,19 @@ def get_config(arg=None):
   c.model.bn_init_batch_size = 256
 
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = 'imagenet2012'  # imagenet2012 | fashion_mnist | mock
+  # imagenet2012 | fashion_mnist | mock | tfds:NAME[/CONFIG] | tfds_dir:PATH
+  # | folder:PATH (docs/data.md)
+  c.data.dataset = 'imagenet2012'
   c.data.data_dir = ''  # '' -> tfds default / the Debian folder
+  # The split pretraining reads: '' -> train_and_valid, and the dataset's
+  # unlabelled images after it where it has some (STL-10's `unlabelled`):
+  # train_and_valid_and_unlabelled. Or name one: train_and_valid, train,
+  # valid, unlabelled, train_and_valid_and_unlabelled.
+  c.data.pretrain_split = ''
+  # Per-channel normalisation statistics (3 values each, std > 0) replacing
+  # the dataset's known or sampled ones; () -> those.
+  c.data.mean = ()
+  c.data.std = ()
   c.data.image_size = 224
   c.data.augmentations = ml_collections.ConfigDict(dict(
       view1=view_augmentations(blur_prob=1.0, solarize_prob=0.0),

@@ -53,7 +53,6 @@ from typing import List, Sequence
 from absl import flags
 
 from byol import dataset as dataset_lib
-from byol import train_loop
 from byol.errors import UserError
 from experiments import study
 from experiments.study import Row
@@ -130,6 +129,7 @@ def select_rows(names: Sequence[str], full: bool) -> List[Row]:
   return [r for r in ROWS if full or r.quick]
 
 
+@study.exits_as_cli()
 def main(argv: Sequence[str], printer=print) -> int:
   """Parses the flags in `argv` (without the program name) and runs.
 
@@ -137,21 +137,7 @@ def main(argv: Sequence[str], printer=print) -> int:
   stderr), 128 + the signal that stopped a row.
   """
   flags.FLAGS.unparse_flags()  # each call parses afresh (tests call main)
-  try:
-    flags.FLAGS(['ablation', *argv])
-    return _main(argv, printer)
-  except flags.Error as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
-    return 2
-  except UserError as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
-    return 2
-  except train_loop.Preempted as e:
-    print(f'preempted: {e}', file=sys.stderr)
-    return e.exit_status
-
-
-def _main(argv, printer) -> int:
+  flags.FLAGS(['ablation', *argv])
   epochs, dataset, smoke = _EPOCHS.value, _DATASET.value, _SMOKE.value
   rows = select_rows(_ROWS.value, _FULL.value)
   suffix = '_smoke' if smoke else ''

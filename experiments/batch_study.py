@@ -42,7 +42,6 @@ import numpy as np
 
 from byol import dataset as dataset_lib
 from byol import metrics
-from byol import train_loop
 from byol.errors import UserError
 from experiments import study
 from experiments import study_report
@@ -340,12 +339,8 @@ _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of every row.',
                            flag_values=FLAGS)
 _DATASET = flags.DEFINE_enum('dataset', 'fashion_mnist', dataset_lib.DATASETS,
                              'Dataset.', flag_values=FLAGS)
-_WORKDIR_ROOT = flags.DEFINE_string(
-    'workdir_root', '', 'Default: workdirs/batch_<dataset>_<epochs>ep.',
-    flag_values=FLAGS)
-_RESULTS_DIR = flags.DEFINE_string('results_dir', '',
-                                   'Default: experiments/results.',
-                                   flag_values=FLAGS)
+_WORKDIR_ROOT, _RESULTS_DIR = study.define_output_flags(
+    FLAGS, 'workdirs/batch_<dataset>_<epochs>ep')
 _PROBE_TRAIN = flags.DEFINE_integer(
     'probe_train_examples', -1, 'Fit the probes on the first N train '
     'examples (-1: all).', flag_values=FLAGS)
@@ -376,48 +371,42 @@ def select(batches: Sequence[str], pairs: bool) -> List[study.Row]:
   return rows
 
 
+@study.exits_as_cli()
 def main(argv: Sequence[str], printer=print) -> int:
   """Runs the study; returns the exit status (2: bad input, one line)."""
   FLAGS.unparse_flags()
-  try:
-    FLAGS(['batch_study', *argv])
-    rows = select(_BATCHES.value, _PAIRS.value)
-    epochs, dataset, smoke = _EPOCHS.value, _DATASET.value, _SMOKE.value
-    root = _WORKDIR_ROOT.value or os.path.join(
-        study.ROOT, 'workdirs',
-        f'batch_{dataset}_{epochs:g}ep{"_smoke" if smoke else ""}')
-    results_dir = _RESULTS_DIR.value or (
-        root if smoke else os.path.join(study.ROOT, 'experiments', 'results'))
-    name = 'batch_study'
-    run = study.report_study if _REPORT_ONLY.value else study.run_study
-    run(
-        rows, seeds=study.parse_seeds(_SEEDS.value), epochs=epochs,
-        dataset=dataset, smoke=smoke, root=root, results_dir=results_dir,
-        max_train=_PROBE_TRAIN.value, max_test=-1,
-        command='python -m experiments.batch_study ' + ' '.join(argv),
-        printer=printer, name=name, tag='batch',
-        title=f'# BYOL and the batch size: GN+WS against BatchNorm '
-        f'({epochs:g} epochs per run, {dataset})', label=label,
-        all_rows=ALL_ROWS)
-    record = '' if smoke else study.record_dir(results_dir, name, dataset,
-                                               epochs)
-    results = study.load_finished(root, ALL_ROWS, record=record)
-    section = summary_section(
-        results, folder=lambda run: study.run_dir(run, root, record))
-    table = os.path.join(results_dir, f'{name}_{dataset}.md')
-    with open(table, 'a') as f:
-      f.write('\n' + section)
-    plot = os.path.join(results_dir, f'{name}_{dataset}_by_batch.png')
-    write_gain_plot(plot, results)
-    printer(section)
-    printer(f'[batch] wrote {plot}')
-    return 0
-  except (flags.Error, UserError) as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
-    return 2
-  except train_loop.Preempted as e:
-    print(f'preempted: {e}', file=sys.stderr)
-    return e.exit_status
+  FLAGS(['batch_study', *argv])
+  rows = select(_BATCHES.value, _PAIRS.value)
+  epochs, dataset, smoke = _EPOCHS.value, _DATASET.value, _SMOKE.value
+  root = _WORKDIR_ROOT.value or os.path.join(
+      study.ROOT, 'workdirs',
+      f'batch_{dataset}_{epochs:g}ep{"_smoke" if smoke else ""}')
+  results_dir = _RESULTS_DIR.value or (
+      root if smoke else os.path.join(study.ROOT, 'experiments', 'results'))
+  name = 'batch_study'
+  run = study.report_study if _REPORT_ONLY.value else study.run_study
+  run(
+      rows, seeds=study.parse_seeds(_SEEDS.value), epochs=epochs,
+      dataset=dataset, smoke=smoke, root=root, results_dir=results_dir,
+      max_train=_PROBE_TRAIN.value, max_test=-1,
+      command='python -m experiments.batch_study ' + ' '.join(argv),
+      printer=printer, name=name, tag='batch',
+      title=f'# BYOL and the batch size: GN+WS against BatchNorm '
+      f'({epochs:g} epochs per run, {dataset})', label=label,
+      all_rows=ALL_ROWS)
+  record = '' if smoke else study.record_dir(results_dir, name, dataset,
+                                             epochs)
+  results = study.load_finished(root, ALL_ROWS, record=record)
+  section = summary_section(
+      results, folder=lambda run: study.run_dir(run, root, record))
+  table = os.path.join(results_dir, f'{name}_{dataset}.md')
+  with open(table, 'a') as f:
+    f.write('\n' + section)
+  plot = os.path.join(results_dir, f'{name}_{dataset}_by_batch.png')
+  write_gain_plot(plot, results)
+  printer(section)
+  printer(f'[batch] wrote {plot}')
+  return 0
 
 
 if __name__ == '__main__':

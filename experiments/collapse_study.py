@@ -33,7 +33,6 @@ from typing import Sequence
 from absl import flags
 
 from byol import dataset as dataset_lib
-from byol import train_loop
 from byol.errors import UserError
 from experiments import study
 
@@ -90,10 +89,8 @@ _EPOCHS = flags.DEFINE_float('epochs', 0.5, 'Pretraining epochs per run.', flag_
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds of every variant.', flag_values=FLAGS)
 _DATASET = flags.DEFINE_enum('dataset', 'fashion_mnist', dataset_lib.DATASETS,
                              'Dataset.', flag_values=FLAGS)
-_WORKDIR_ROOT = flags.DEFINE_string(
-    'workdir_root', '', 'Default: workdirs/collapse_<dataset>_<epochs>ep.', flag_values=FLAGS)
-_RESULTS_DIR = flags.DEFINE_string('results_dir', '',
-                                   'Default: experiments/results.', flag_values=FLAGS)
+_WORKDIR_ROOT, _RESULTS_DIR = study.define_output_flags(
+    FLAGS, 'workdirs/collapse_<dataset>_<epochs>ep')
 _PROBE_TRAIN = flags.DEFINE_integer(
     'probe_train_examples', 20000, 'Fit the probes on the first N train '
     'examples (-1: all).', flag_values=FLAGS)
@@ -104,39 +101,33 @@ _REPORT_ONLY = flags.DEFINE_bool(
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny network, 3 steps per run.', flag_values=FLAGS)
 
 
+@study.exits_as_cli()
 def main(argv: Sequence[str], printer=print) -> int:
   """Runs the study; returns the exit status (2: bad input, one line)."""
   FLAGS.unparse_flags()
-  try:
-    FLAGS(['collapse_study', *argv])
-    by_name = {r.name: r for r in ROWS}
-    unknown = [n for n in _ROWS.value if n not in by_name]
-    if unknown:
-      raise UserError(f'unknown variant(s) {", ".join(unknown)}; choose from '
-                      f'{", ".join(by_name)}')
-    rows = [by_name[n] for n in _ROWS.value] or list(ROWS)
-    epochs, dataset = _EPOCHS.value, _DATASET.value
-    root = _WORKDIR_ROOT.value or os.path.join(
-        study.ROOT, 'workdirs',
-        f'collapse_{dataset}_{epochs:g}ep{"_smoke" if _SMOKE.value else ""}')
-    run = study.report_study if _REPORT_ONLY.value else study.run_study
-    run(
-        rows, seeds=study.parse_seeds(_SEEDS.value), epochs=epochs,
-        dataset=dataset, smoke=_SMOKE.value, root=root,
-        results_dir=_RESULTS_DIR.value or os.path.join(
-            study.ROOT, 'experiments', 'results'),
-        max_train=_PROBE_TRAIN.value, max_test=-1,
-        command='python -m experiments.collapse_study ' + ' '.join(argv),
-        printer=printer, name=f'collapse_study_{epochs:g}ep', tag='collapse',
-        title=f'# Collapse study: GN+WS BYOL at CPU scale ({epochs:g} epochs '
-        f'per run, {dataset})', label=label, all_rows=ROWS)
-    return 0
-  except (flags.Error, UserError) as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
-    return 2
-  except train_loop.Preempted as e:
-    print(f'preempted: {e}', file=sys.stderr)
-    return e.exit_status
+  FLAGS(['collapse_study', *argv])
+  by_name = {r.name: r for r in ROWS}
+  unknown = [n for n in _ROWS.value if n not in by_name]
+  if unknown:
+    raise UserError(f'unknown variant(s) {", ".join(unknown)}; choose from '
+                    f'{", ".join(by_name)}')
+  rows = [by_name[n] for n in _ROWS.value] or list(ROWS)
+  epochs, dataset = _EPOCHS.value, _DATASET.value
+  root = _WORKDIR_ROOT.value or os.path.join(
+      study.ROOT, 'workdirs',
+      f'collapse_{dataset}_{epochs:g}ep{"_smoke" if _SMOKE.value else ""}')
+  run = study.report_study if _REPORT_ONLY.value else study.run_study
+  run(
+      rows, seeds=study.parse_seeds(_SEEDS.value), epochs=epochs,
+      dataset=dataset, smoke=_SMOKE.value, root=root,
+      results_dir=_RESULTS_DIR.value or os.path.join(
+          study.ROOT, 'experiments', 'results'),
+      max_train=_PROBE_TRAIN.value, max_test=-1,
+      command='python -m experiments.collapse_study ' + ' '.join(argv),
+      printer=printer, name=f'collapse_study_{epochs:g}ep', tag='collapse',
+      title=f'# Collapse study: GN+WS BYOL at CPU scale ({epochs:g} epochs '
+      f'per run, {dataset})', label=label, all_rows=ROWS)
+  return 0
 
 
 if __name__ == '__main__':

@@ -39,7 +39,7 @@ _OUT = flags.DEFINE_string('out', None, 'Export folder (default: a '
 def encode_all(config, params, state, models, split):
   """Features of every example of `split`: project's and each torch model's."""
   embed = jax.jit(model.Network(config, axis_name=None).embed)
-  mean, std = dataset_lib.normalization_stats(config.data.dataset)
+  mean, std = dataset_lib.data_normalization(config.data)
   feats = {name: [] for name in ['project'] + list(models)}
   labels = []
   for batch in dataset_lib.load(

@@ -78,12 +78,8 @@ _EPOCHS_GRID = flags.DEFINE_list('epochs_grid', ['20'],
 _LINEAR_EPOCHS = flags.DEFINE_integer('linear_epochs', 30,
                                     'Epochs of the linear rows.',
                                     flag_values=FLAGS)
-_WORKDIR_ROOT = flags.DEFINE_string(
-    'workdir_root', '', 'Default: workdirs/lowlabel_<epochs>ep.',
-    flag_values=FLAGS)
-_RESULTS_DIR = flags.DEFINE_string('results_dir', '',
-                                   'Default: experiments/results.',
-                                   flag_values=FLAGS)
+_WORKDIR_ROOT, _RESULTS_DIR = study.define_output_flags(
+    FLAGS, 'workdirs/lowlabel_<epochs>ep')
 _ONLY = flags.DEFINE_list('only', [], 'Run only these rows (default: all).',
                           flag_values=FLAGS)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny network and data, few '
@@ -333,45 +329,39 @@ def write_plot(path: str, results: List[dict]) -> None:
   plt.close(fig)
 
 
+@study.exits_as_cli(ValueError)
 def main(argv: Sequence[str], printer=print) -> int:
   """Runs the study; returns the exit status (2: bad input, one line)."""
   FLAGS.unparse_flags()
-  try:
-    FLAGS(['lowlabel_study', *argv])
-    epochs, smoke = _EPOCHS.value, _SMOKE.value
-    lr_grid = [float(x) for x in _LR_GRID.value]
-    epochs_grid = [float(x) for x in _EPOCHS_GRID.value]
-    names = [f'{r}_{f}' for f, _ in FRACTIONS for r, _, _ in LOWLABEL_ROWS]
-    names += [r for r, _, _ in TRANSFER_ROWS]
-    unknown = [n for n in _ONLY.value if n not in names]
-    if unknown:
-      raise UserError(f'unknown row(s) {", ".join(unknown)}; choose from '
-                      f'{", ".join(names)}')
-    suffix = '_smoke' if smoke else ''
-    root = _WORKDIR_ROOT.value or os.path.join(
-        study.ROOT, 'workdirs', f'lowlabel_{epochs:g}ep{suffix}')
-    results_dir = _RESULTS_DIR.value or os.path.join(study.ROOT,
-                                                     'experiments', 'results')
-    record = study.record_dir(results_dir, f'lowlabel_study{suffix}',
-                              'fashion_mnist', epochs)
-    results = run(root, record, epochs=epochs, smoke=smoke, lr_grid=lr_grid,
-                  epochs_grid=epochs_grid,
-                  linear_epochs=_LINEAR_EPOCHS.value, only=_ONLY.value,
-                  printer=printer)
-    stem = os.path.join(results_dir,
-                        f'lowlabel_study_{epochs:g}ep{suffix}_fashion_mnist')
-    text = write_table(stem + '.md', results,
-                       command='python -m experiments.lowlabel_study ' +
-                       ' '.join(argv), epochs=epochs, smoke=smoke)
-    write_plot(stem + '.png', results)
-    printer(text)
-    return 0
-  except (flags.Error, ValueError, UserError) as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
-    return 2
-  except train_loop.Preempted as e:
-    print(f'preempted: {e}', file=sys.stderr)
-    return e.exit_status
+  FLAGS(['lowlabel_study', *argv])
+  epochs, smoke = _EPOCHS.value, _SMOKE.value
+  lr_grid = [float(x) for x in _LR_GRID.value]
+  epochs_grid = [float(x) for x in _EPOCHS_GRID.value]
+  names = [f'{r}_{f}' for f, _ in FRACTIONS for r, _, _ in LOWLABEL_ROWS]
+  names += [r for r, _, _ in TRANSFER_ROWS]
+  unknown = [n for n in _ONLY.value if n not in names]
+  if unknown:
+    raise UserError(f'unknown row(s) {", ".join(unknown)}; choose from '
+                    f'{", ".join(names)}')
+  suffix = '_smoke' if smoke else ''
+  root = _WORKDIR_ROOT.value or os.path.join(
+      study.ROOT, 'workdirs', f'lowlabel_{epochs:g}ep{suffix}')
+  results_dir = _RESULTS_DIR.value or os.path.join(study.ROOT,
+                                                   'experiments', 'results')
+  record = study.record_dir(results_dir, f'lowlabel_study{suffix}',
+                            'fashion_mnist', epochs)
+  results = run(root, record, epochs=epochs, smoke=smoke, lr_grid=lr_grid,
+                epochs_grid=epochs_grid,
+                linear_epochs=_LINEAR_EPOCHS.value, only=_ONLY.value,
+                printer=printer)
+  stem = os.path.join(results_dir,
+                      f'lowlabel_study_{epochs:g}ep{suffix}_fashion_mnist')
+  text = write_table(stem + '.md', results,
+                     command='python -m experiments.lowlabel_study ' +
+                     ' '.join(argv), epochs=epochs, smoke=smoke)
+  write_plot(stem + '.png', results)
+  printer(text)
+  return 0
 
 
 if __name__ == '__main__':

@@ -20,11 +20,14 @@ lines are tagged with the study's own name (`[ablation]`, `[collapse]`,
 """
 
 import dataclasses
+import functools
 import json
 import os
+import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
+from absl import flags
 import jax
 import ml_collections
 
@@ -117,6 +120,44 @@ SMOKE_OVERRIDES = {
     'training.checkpoint_every_steps': 3,
 }
 SMOKE_PROBE_EXAMPLES = 1000
+
+
+def define_output_flags(flag_values: flags.FlagValues, workdirs: str):
+  """A study's --workdir_root (its runs; default `workdirs`) and --results_dir
+  (its tables and records; default experiments/results) flag holders."""
+  return (flags.DEFINE_string('workdir_root', '', f'Default: {workdirs}.',
+                              flag_values=flag_values),
+          flags.DEFINE_string('results_dir', '',
+                              'Default: experiments/results.',
+                              flag_values=flag_values))
+
+
+def exits_as_cli(*user_errors: type) -> Callable:
+  """Decorates a study's `main(argv, printer=print) -> int`, as main.py ends.
+
+  Bad input (a flag error, a `UserError`, or one of `user_errors`) becomes
+  one `error:` line on stderr and status 2, no traceback; a run preempted by
+  a signal (checkpointed first) says so and exits with the signal's status.
+  Any other exception is a bug and keeps its traceback.
+  """
+  bad_input = (flags.Error, UserError, *user_errors)
+
+  def wrap(main):
+
+    @functools.wraps(main)
+    def run(argv: Sequence[str], printer=print) -> int:
+      try:
+        return main(argv, printer)
+      except bad_input as e:
+        print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+        return 2
+      except train_loop.Preempted as e:
+        print(f'preempted: {e}', file=sys.stderr)
+        return e.exit_status
+
+    return run
+
+  return wrap
 
 
 def row_config(row: Row, *, dataset: str, epochs: float, smoke: bool,

@@ -3,7 +3,8 @@
 `write_image_folder` writes a labelled folder of JPEG and PNG files of
 several shapes and channel counts, plus a corrupt JPEG and a text file;
 `TinyImages` is a tfds builder of a few PNG-encoded images, prepared into a
-temporary data dir by `prepare_tiny_tfds`.
+temporary data dir by `prepare_tiny_tfds`; `prepare_tiny_stl` prepares one
+arranged as STL-10 (train, test and an `unlabelled` split of label -1).
 """
 
 import os
@@ -74,7 +75,7 @@ def _tiny_builders():
   if _BUILDERS:
     return _BUILDERS
 
-  def make(image):
+  def make(image, name, split_sizes):
 
     def info(self):
       image_feature = (tfds.features.Image(shape=(None, None, 3)) if image
@@ -87,31 +88,39 @@ def _tiny_builders():
 
     def split_generators(self, dl_manager):
       del dl_manager
-      return {'train': self._generate_examples(30, 0),
-              'validation': self._generate_examples(9, 1)}
+      return {split: self._generate_examples(count, seed, split in UNLABELLED)
+              for seed, (split, count) in enumerate(split_sizes)}
 
-    def generate_examples(self, count, seed):
+    def generate_examples(self, count, seed, unlabelled):
       del self
       rng = np.random.RandomState(seed)
       for i in range(count):
         shape = SHAPES[i % len(SHAPES)]
         value = (_pixels(rng, shape, 3) if image else
                  np.arange(4, dtype=np.uint8) + i)
-        yield i, {'image': value, 'label': i % 3}
+        # STL-10 stores -1 as the label of its unlabelled images.
+        yield i, {'image': value, 'label': -1 if unlabelled else i % 3}
 
-    return type('ByolTinyImages' if image else 'ByolTinyTensors',
+    return type(name,
                 (tfds.core.GeneratorBasedBuilder,),
                 {'VERSION': tfds.core.Version('1.0.0'), '_info': info,
                  '_split_generators': split_generators,
                  '_generate_examples': generate_examples,
                  '__module__': __name__})
 
-  _BUILDERS[True] = make(True)
-  _BUILDERS[False] = make(False)
+  _BUILDERS[True] = make(True, 'ByolTinyImages',
+                         (('train', 30), ('validation', 9)))
+  _BUILDERS[False] = make(False, 'ByolTinyTensors',
+                          (('train', 30), ('validation', 9)))
+  _BUILDERS['stl'] = make(True, 'ByolTinyStl', STL_SPLITS)
+  _BUILDERS['no_train'] = make(True, 'ByolTinyNoTrain', (('test', 4),))
   return _BUILDERS
 
 
 _BUILDERS = {}
+UNLABELLED = ('unlabelled',)
+# The splits of `prepare_tiny_stl`, in STL-10's arrangement.
+STL_SPLITS = (('train', 12), ('test', 6), ('unlabelled', 20))
 
 
 def prepare_tiny_tfds(data_dir, image=True):
@@ -124,3 +133,28 @@ def prepare_tiny_tfds(data_dir, image=True):
   builder = _tiny_builders()[image](data_dir=str(data_dir))
   builder.download_and_prepare()
   return builder
+
+
+def prepare_tiny_stl(data_dir, kind='stl'):
+  """Prepares byol_tiny_stl in `data_dir` (`STL_SPLITS`); returns its builder.
+
+  As STL-10: labelled train and test splits (label i % 3) and an
+  `unlabelled` split whose stored labels are -1. `kind='no_train'` prepares
+  byol_tiny_no_train instead: 4 test images and no train split.
+  """
+  builder = _tiny_builders()[kind](data_dir=str(data_dir))
+  builder.download_and_prepare()
+  return builder
+
+
+def write_folder_with_unlabelled(root, count=7, seed=2):
+  """A labelled folder (`write_image_folder`) plus root/unlabelled/ with
+  `count` PNG images (in a nested folder too); returns the labelled files."""
+  written = write_image_folder(root)
+  rng = np.random.RandomState(seed)
+  os.makedirs(os.path.join(root, 'unlabelled', 'more'), exist_ok=True)
+  for i in range(count):
+    sub = 'more' if i % 2 else ''
+    Image.fromarray(_pixels(rng, (26, 18), 3)).save(
+        os.path.join(root, 'unlabelled', sub, f'u{i}.png'))
+  return written

@@ -6,9 +6,11 @@ text file; a tiny tfds dataset prepared into a temporary data dir.
 """
 
 import hashlib
+import json
 import os
 
 import chex
+import ml_collections
 import numpy as np
 import pytest
 
@@ -20,6 +22,7 @@ import data_fixtures
 
 Split = dataset.Split
 Mode = dataset.PreprocessMode
+LABELLED = (Split.TRAIN_AND_VALID, Split.TRAIN, Split.VALID, Split.TEST)
 
 
 @pytest.fixture(scope='module')
@@ -83,7 +86,7 @@ def test_folder_split_rule(labelled):
               'TRAIN_AND_VALID': sorted(rest)}
   got = {s: [p for p, _ in e] for s, e in source.manifest()['files'].items()}
   assert got == expected
-  for split in Split:
+  for split in LABELLED:
     assert dataset.num_examples(split, name) == len(expected[split.name])
 
 
@@ -116,6 +119,14 @@ def test_images_are_rgb_in_range(labelled):
     image = encoded.centre_crop_any(f.read(), 16).numpy()
   chex.assert_trees_all_close(image[..., 0], image[..., 1])
   chex.assert_trees_all_close(image[..., 0], image[..., 2])
+  # An RGBA PNG keeps its colours and drops the alpha channel.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rgba_path = os.path.join(root, 'cat', '3.png')
+  rgba = np.asarray(Image.open(rgba_path))
+  assert rgba.shape[-1] == 4
+  with open(rgba_path, 'rb') as f:
+    decoded = encoded.decode_rgb(f.read()).numpy()
+  np.testing.assert_array_equal(decoded, rgba[..., :3])
 
 
 def test_two_processes_share_every_example_once(labelled):
@@ -245,7 +256,7 @@ def test_tfds_source(tiny_tfds):
   name = 'tfds:byol_tiny_images'
   assert dataset.num_classes(name, data_dir) == 3
   # train + validation, no test: TEST = validation, VALID = train[:3].
-  sizes = {s: dataset.num_examples(s, name, data_dir) for s in Split}
+  sizes = {s: dataset.num_examples(s, name, data_dir) for s in LABELLED}
   assert sizes == {Split.TEST: 9, Split.VALID: 3, Split.TRAIN: 27,
                    Split.TRAIN_AND_VALID: 30}
   # The labels, in tfds' stored order, read with tfds itself.
@@ -313,3 +324,156 @@ def test_fashion_mnist_subset():
   whole = next(_load('fashion_mnist', Split.TRAIN, Mode.EVAL, batch=10))
   chex.assert_trees_all_close(batch['images'], whole['images'][[0, 2, 7, 9]])
   np.testing.assert_array_equal(batch['labels'], whole['labels'][[0, 2, 7, 9]])
+
+
+@pytest.fixture(scope='module')
+def tiny_stl(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp('stl')
+  data_fixtures.prepare_tiny_stl(data_dir)
+  return 'tfds:byol_tiny_stl', str(data_dir)
+
+
+def _data(name, data_dir=None, **fields):
+  return ml_collections.ConfigDict(dict(dict(
+      dataset=name, data_dir=data_dir or '', pretrain_split='', mean=(),
+      std=()), **fields))
+
+
+def test_tfds_unlabelled_split_is_the_pretraining_split(tiny_stl):
+  name, data_dir = tiny_stl
+  # train 12, test 6, unlabelled 20: TEST = test, VALID = train[:1].
+  sizes = {s: dataset.num_examples(s, name, data_dir) for s in Split}
+  assert sizes == {Split.TEST: 6, Split.VALID: 1, Split.TRAIN: 11,
+                   Split.TRAIN_AND_VALID: 12, Split.UNLABELLED: 20,
+                   Split.TRAIN_AND_VALID_AND_UNLABELLED: 32}
+  assert dataset.num_classes(name, data_dir) == 3
+  source = registry.resolve(name, data_dir)
+  np.testing.assert_array_equal(source.labels(Split.UNLABELLED), -1)
+  both = source.labels(Split.TRAIN_AND_VALID_AND_UNLABELLED)
+  np.testing.assert_array_equal(both[:12],
+                                source.labels(Split.TRAIN_AND_VALID))
+  np.testing.assert_array_equal(both[12:], -1)
+  # The rule: automatic -> labelled train then unlabelled; or named.
+  assert dataset.pretrain_split(_data(name, data_dir)) == (
+      Split.TRAIN_AND_VALID_AND_UNLABELLED)
+  assert dataset.pretrain_split(_data(name, data_dir,
+                                      pretrain_split='unlabelled')) == (
+                                          Split.UNLABELLED)
+  with pytest.raises(dataset.DatasetError, match='never trained on'):
+    dataset.pretrain_split(_data(name, data_dir, pretrain_split='test'))
+  # One epoch of the pretraining stream holds every image once: 12 labelled
+  # and 20 with label -1.
+  stream = _load(name, Split.TRAIN_AND_VALID_AND_UNLABELLED, Mode.PRETRAIN,
+                 batch=8, data_dir=data_dir)
+  labels = np.concatenate([next(stream)['labels'] for _ in range(4)])
+  assert sorted(labels.tolist()) == sorted(both.tolist())
+  # Two processes split it between them, every image once.
+  parts = [_eval_labels(name, Split.TRAIN_AND_VALID_AND_UNLABELLED,
+                        data_dir=data_dir, process_index=i, process_count=2)
+           for i in range(2)]
+  assert parts[0] + parts[1] == both.tolist()
+  # Supervised training refuses images without labels.
+  with pytest.raises(dataset.DatasetError, match='has no labels'):
+    next(_load(name, Split.UNLABELLED, Mode.LINEAR_TRAIN, data_dir=data_dir))
+
+
+def test_statistics_are_sampled_from_the_pretraining_split(tiny_stl):
+  name, data_dir = tiny_stl
+  data = _data(name, data_dir)
+  images = np.concatenate([
+      b['images'][b['mask'] > 0] for b in dataset.load(
+          Split.TRAIN_AND_VALID_AND_UNLABELLED, preprocess_mode=Mode.EVAL,
+          batch_dims=[8], dataset=name, data_dir=data_dir,
+          image_size=registry.STATS_IMAGE_SIZE, process_index=0,
+          process_count=1)]).astype(np.float64)
+  mean, std = dataset.data_normalization(data)
+  chex.assert_trees_all_close(mean, images.mean((0, 1, 2)).astype(np.float32),
+                              atol=1e-5)
+  chex.assert_trees_all_close(std, images.std((0, 1, 2)).astype(np.float32),
+                              atol=1e-5)
+  labelled_only = dataset.normalization_stats(name, data_dir)
+  assert not np.allclose(labelled_only[0], mean, atol=1e-4)
+
+
+def test_a_split_the_dataset_lacks_is_refused(labelled, tiny_tfds):
+  data_dir, _ = tiny_tfds
+  for name, where in (('tfds:byol_tiny_images', data_dir),
+                      (labelled[0], None), ('fashion_mnist', None)):
+    with pytest.raises(dataset.DatasetError, match='has no UNLABELLED split'):
+      dataset.num_examples(Split.UNLABELLED, name, where)
+    with pytest.raises(dataset.DatasetError, match='has no UNLABELLED split'):
+      dataset.pretrain_split(_data(name, where, pretrain_split='unlabelled'))
+    # Without one, pretraining reads TRAIN_AND_VALID, as before.
+    assert dataset.pretrain_split(_data(name, where)) == Split.TRAIN_AND_VALID
+  with pytest.raises(dataset.DatasetError, match='has no UNLABELLED split'):
+    next(_load('fashion_mnist', Split.UNLABELLED, Mode.PRETRAIN))
+  with pytest.raises(dataset.DatasetError, match='unknown split'):
+    dataset.pretrain_split(_data('fashion_mnist', pretrain_split='extra'))
+
+
+def test_a_tfds_dataset_without_a_train_split_is_refused(tmp_path):
+  data_fixtures.prepare_tiny_stl(tmp_path, kind='no_train')
+  with pytest.raises(dataset.DatasetError, match='has no train split'):
+    dataset.num_examples(Split.TEST, 'tfds:byol_tiny_no_train', str(tmp_path))
+
+
+def test_folder_unlabelled_subfolder(tmp_path):
+  written = data_fixtures.write_folder_with_unlabelled(str(tmp_path), count=7)
+  name = f'folder:{tmp_path}'
+  source = registry.resolve(name)
+  assert source.class_names == data_fixtures.CLASSES
+  assert dataset.num_examples(Split.UNLABELLED, name) == 7
+  assert dataset.num_examples(Split.TRAIN_AND_VALID_AND_UNLABELLED, name) == (
+      dataset.num_examples(Split.TRAIN_AND_VALID, name) + 7)
+  manifest = source.manifest(Split.TRAIN_AND_VALID_AND_UNLABELLED)
+  assert manifest['pretrain_split'] == 'TRAIN_AND_VALID_AND_UNLABELLED'
+  assert [l for _, l in manifest['files']['UNLABELLED']] == [-1] * 7
+  labelled_files = {p: l for s in ('TRAIN_AND_VALID', 'TEST')
+                    for p, l in manifest['files'][s]}
+  assert labelled_files == written and manifest['num_skipped'] == 2
+  assert dataset.pretrain_split(_data(name)) == (
+      Split.TRAIN_AND_VALID_AND_UNLABELLED)
+  np.testing.assert_array_equal(source.labels(Split.UNLABELLED), -1)
+
+
+def test_statistics_given_in_the_config(labelled, tmp_path):
+  name, _ = labelled
+  data = _data(name, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
+  mean, std = dataset.data_normalization(data)
+  chex.assert_trees_all_close(mean, np.asarray([0.1, 0.2, 0.3], np.float32))
+  chex.assert_trees_all_close(std, np.asarray([0.5, 0.25, 2.0], np.float32))
+  x = np.full((2, 4, 4, 3), 0.6, np.float32)
+  chex.assert_trees_all_close(dataset.normalize_as(x, data)[0, 0, 0],
+                              np.asarray([1.0, 1.6, 0.15], np.float32),
+                              atol=1e-6)
+  # Recorded in dataset.json, for a folder and for a built-in dataset.
+  for what, folder in ((name, tmp_path / 'a'), ('fashion_mnist',
+                                                tmp_path / 'b')):
+    folder.mkdir()
+    dataset.write_data_manifest(_data(what, mean=(0.1, 0.2, 0.3),
+                                      std=(0.5, 0.25, 2.0)), str(folder))
+    with open(folder / registry.MANIFEST_NAME) as f:
+      norm = json.load(f)['normalization']
+    assert norm['source'] == 'config'
+    chex.assert_trees_all_close(np.asarray(norm['std']),
+                                np.asarray([0.5, 0.25, 2.0]), atol=1e-7)
+  # A built-in dataset with its own statistics writes no manifest, as before.
+  dataset.write_data_manifest(_data('fashion_mnist'), str(tmp_path))
+  assert not (tmp_path / registry.MANIFEST_NAME).exists()
+  # And a sampled source says where its statistics come from.
+  dataset.write_data_manifest(_data(name), str(tmp_path))
+  with open(tmp_path / registry.MANIFEST_NAME) as f:
+    norm = json.load(f)['normalization']
+  assert norm['source'] == 'sample' and norm['split'] == 'TRAIN_AND_VALID'
+
+
+@pytest.mark.parametrize('mean, std, match', [
+    ((0.5, 0.5), (0.2, 0.2), 'must hold 3 values'),
+    ((0.5, 0.5, 0.5), (0.2, 0.0, 0.2), 'must be > 0'),
+    ((0.5, 0.5, 0.5), (0.2, -1.0, 0.2), 'must be > 0'),
+    ((0.5, float('nan'), 0.5), (0.2, 0.2, 0.2), 'finite numbers'),
+    ((0.5, 0.5, 0.5), (), 'together'),
+])
+def test_bad_statistics_are_refused(mean, std, match):
+  with pytest.raises(dataset.DatasetError, match=match):
+    dataset.given_stats(_data('fashion_mnist', mean=mean, std=std))

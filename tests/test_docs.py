@@ -68,9 +68,14 @@ def _literal_strings(node) -> Optional[Tuple[str, ...]]:
   return None
 
 
+# Helpers that define flags for the program calling them -> their file.
+FLAG_HELPERS = {'define_output_flags': 'experiments/study.py'}
+
+
 @functools.lru_cache(maxsize=None)
 def defined_flags(path: str) -> Dict[str, Flag]:
-  """The absl and argparse flags that the Python file at `path` defines."""
+  """The absl and argparse flags that the Python file at `path` defines
+  (through a `FLAG_HELPERS` call too)."""
   found = {}
   for node in ast.walk(ast.parse(read(path))):
     if not isinstance(node, ast.Call) or not node.args:
@@ -78,6 +83,8 @@ def defined_flags(path: str) -> Dict[str, Flag]:
     func = node.func
     name = func.attr if isinstance(func, ast.Attribute) else getattr(
         func, 'id', '')
+    if name in FLAG_HELPERS and path != FLAG_HELPERS[name]:
+      found.update(defined_flags(FLAG_HELPERS[name]))
     first = node.args[0]
     if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
       continue

@@ -289,6 +289,49 @@ def test_update_without_augmentations_trains_on_the_views_as_given():
   assert abs(losses[True] - losses[False]) > 1e-3, losses
 
 
+def test_unlabelled_examples_leave_the_online_classifier_alone():
+  """Label -1 (an unlabelled split's) adds nothing to the classifier's loss
+  or accuracy: both are the means over the labelled examples only."""
+  config, forward, _, state = _one_device()
+  batch = jax.tree.map(lambda x: x[0, 0], fixed_batch(1))
+  labels = batch['labels'].copy()
+  labels[::2] = -1
+  _, (_, _, logs) = update_lib.loss_fn(
+      state.online_params, state.online_state, state.target_params,
+      state.target_state, jax.random.PRNGKey(1), dict(batch, labels=labels),
+      forward=forward, config=config, axis_name=None)
+  # GN+WS: an image's logits do not depend on the rest of its batch.
+  out, _ = forward.apply(state.online_params, state.online_state, None,
+                         batch['view1'], True)
+  logits = np.asarray(out['logits'], np.float64)
+  kept = labels >= 0
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  expected_loss = -log_p[kept, labels[kept]].mean()
+  expected_top1 = (logits[kept].argmax(-1) == labels[kept]).mean()
+  np.testing.assert_allclose(float(logs['classif_loss']), expected_loss,
+                             rtol=1e-4)
+  np.testing.assert_allclose(float(logs['top1_accuracy']), expected_top1)
+  # A batch with no label at all: no classifier loss, not NaN.
+  _, (_, _, none) = update_lib.loss_fn(
+      state.online_params, state.online_state, state.target_params,
+      state.target_state, jax.random.PRNGKey(1),
+      dict(batch, labels=np.full_like(labels, -1)),
+      forward=forward, config=config, axis_name=None)
+  assert float(none['classif_loss']) == 0.0
+  assert float(none['top1_accuracy']) == 0.0
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('data.pretrain_split', 'test', 'pretrain_split must be'),
+    ('data.pretrain_split', 'extra', 'pretrain_split must be'),
+    ('data.std', (0.3, 0.3, 0.3), 'together'),
+])
+def test_data_fields_are_checked_before_any_data_is_read(field, value, match):
+  config = tiny_config('local', **{field: value})
+  with pytest.raises(experiment.ConfigError, match=match):
+    experiment.validate_config(config)
+
+
 def test_images_per_pass_must_not_be_negative():
   config = tiny_config('local', **{'training.images_per_pass': -1})
   with pytest.raises(experiment.ConfigError, match='images_per_pass'):

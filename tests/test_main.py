@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tiny_runs import assert_user_error
+from tiny_runs import TINY_NET, assert_user_error
 
 # Each test is a main.py (or python -c) subprocess.
 pytestmark = pytest.mark.slow
@@ -15,18 +15,7 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = 'configs/byol.py:local'
 # A tiny, fast local run (a few steps of a narrow net on 16 px crops).
-TINY = [
-    '--config.model.encoder.width_multiplier=0.125',
-    '--config.model.encoder.num_groups=4',
-    '--config.model.projector.hidden_size=32',
-    '--config.model.projector.output_size=16',
-    '--config.model.projector.num_groups=4',
-    '--config.model.predictor.hidden_size=32',
-    '--config.model.predictor.output_size=16',
-    '--config.model.predictor.num_groups=4',
-    '--config.data.image_size=16',
-    '--config.training.batch_size=32',
-]
+TINY = [*TINY_NET, '--config.training.batch_size=32']
 
 
 def run_main(args, workdir, timeout=300, env=None):

@@ -52,6 +52,12 @@ def test_config_differences_ignore_the_resumable_fields():
   new['training']['images_per_pass'] = 64
   old['model'] = {'encoder': {'depth': 18}}
   assert train_loop.config_differences(old, new) == ['training.base_lr']
+  # Data fields added later: absent means their default, set does not.
+  new['data'].update(pretrain_split='', mean=(), std=())
+  assert train_loop.config_differences(old, new) == ['training.base_lr']
+  new['data'].update(pretrain_split='unlabelled', std=(0.2, 0.2, 0.2))
+  assert train_loop.config_differences(old, new) == [
+      'data.pretrain_split', 'data.std', 'training.base_lr']
 
 
 def test_format_duration():

@@ -20,6 +20,21 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The tiny network of every end-to-end test (flags over configs/byol.py:local):
+# a small-stem ResNet-18 of 8..64 channels, heads 32 -> 16, on 16 px crops;
+# GroupNorm of 4 groups wherever the config asks for GroupNorm.
+TINY_NET = [
+    '--config.model.encoder.width_multiplier=0.125',
+    '--config.model.encoder.num_groups=4',
+    '--config.model.projector.hidden_size=32',
+    '--config.model.projector.output_size=16',
+    '--config.model.projector.num_groups=4',
+    '--config.model.predictor.hidden_size=32',
+    '--config.model.predictor.output_size=16',
+    '--config.model.predictor.num_groups=4',
+    '--config.data.image_size=16',
+]
+
 # 6 steps of 32 images, a checkpoint every 2, a metrics line every step. No
 # warm-up and a small learning rate: the parameters move, and float rounding
 # (e.g. a different reduction order on another device layout) stays small.
@@ -29,17 +44,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # cost of one compilation rather than two.
 TINY = [
     '--config=configs/byol.py:local',
-    '--config.model.encoder.width_multiplier=0.125',
-    '--config.model.encoder.num_groups=4',
-    '--config.model.projector.hidden_size=32',
-    '--config.model.projector.output_size=16',
+    *TINY_NET,
     '--config.model.projector.norm=bn',
     '--config.model.projector.weight_standardization=False',
-    '--config.model.predictor.hidden_size=32',
-    '--config.model.predictor.output_size=16',
     '--config.model.predictor.norm=bn',
     '--config.model.predictor.weight_standardization=False',
-    '--config.data.image_size=16',
     '--config.training.batch_size=32',
     '--config.training.warmup_epochs=0',
     '--config.training.base_lr=0.2',

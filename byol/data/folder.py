@@ -8,6 +8,11 @@ Layouts (checked in this order):
                           files anywhere below it;
   PATH/*.jpg              unlabelled: pretraining only (every label 0).
 
+Beside the class folders (or train/), a folder `unlabelled/` (or
+`unlabeled/`) holds images without labels, files anywhere below it: the
+UNLABELLED split (label -1), which pretraining reads after TRAIN_AND_VALID
+by default (STL-10's arrangement; `data.pretrain_split`).
+
 Class names are the subfolder names, sorted; the label is the index. Files
 are JPEG, PNG, GIF or BMP (any channel count: gray and RGBA become RGB);
 every file is decoded once when the folder is first read, and a file that
@@ -37,6 +42,7 @@ from byol.data.splits import DatasetError, DatasetNotFoundError, Split, tf
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 TEST_FOLDERS = ('test', 'val', 'validation')
+UNLABELLED_FOLDERS = ('unlabelled', 'unlabeled')
 HELD_OUT_FRACTION = 0.1
 
 Entry = Tuple[str, int]  # (path relative to the root, label)
@@ -102,12 +108,22 @@ class FolderSource(registry.Source):
     if not os.path.isdir(self.root):
       raise DatasetNotFoundError(f'{name}: {self.root} is not a folder')
     self.skipped: List[str] = []
+    self._unlabelled_dir = None
     self.layout, self.split_entries = self._scan()
 
   def _scan(self) -> Tuple[str, Dict[Split, List[Entry]]]:
     root = self.root
     subs = _subfolders(root)
     test_dir = next((d for d in TEST_FOLDERS if d in subs), None)
+    unl_dir = next((d for d in UNLABELLED_FOLDERS if d in subs), None)
+    unlabelled = []
+    if unl_dir is not None and len(subs) > 1:
+      unlabelled = self._keep([(os.path.join(unl_dir, p), splits.NO_LABEL)
+                               for p in _walk(os.path.join(root, unl_dir))])
+      subs.remove(unl_dir)
+      self._unlabelled_dir = unl_dir
+    else:
+      unl_dir = None
     if 'train' in subs:
       layout = 'train/test' if test_dir else 'train'
       train_root = os.path.join(root, 'train')
@@ -116,10 +132,10 @@ class FolderSource(registry.Source):
       pool = self._labelled('train')
       test = self._labelled(test_dir) if test_dir else None
       stray = [p for p in _walk(root)
-               if p.split(os.sep)[0] not in ('train', test_dir)]
+               if p.split(os.sep)[0] not in ('train', test_dir, unl_dir)]
       self.skipped += [f'{p}: outside train/ and {test_dir}/' for p in stray]
     else:
-      files = _walk(root)
+      files = [p for p in _walk(root) if p.split(os.sep)[0] != unl_dir]
       nested = [p for p in files if os.sep in p]
       if subs and nested:
         layout = 'classes'
@@ -147,9 +163,14 @@ class FolderSource(registry.Source):
       test, order = order[:n_test], order[n_test:]
     n_valid = _take(order, 'VALID', self.name)
     valid, train = order[:n_valid], order[n_valid:]
-    return layout, {Split.TEST: sorted(test), Split.VALID: sorted(valid),
-                    Split.TRAIN: sorted(train),
-                    Split.TRAIN_AND_VALID: sorted(train + valid)}
+    out = {Split.TEST: sorted(test), Split.VALID: sorted(valid),
+           Split.TRAIN: sorted(train),
+           Split.TRAIN_AND_VALID: sorted(train + valid)}
+    if unlabelled:
+      out[Split.UNLABELLED] = sorted(unlabelled)
+      out[Split.TRAIN_AND_VALID_AND_UNLABELLED] = (
+          out[Split.TRAIN_AND_VALID] + out[Split.UNLABELLED])
+    return layout, out
 
   def _check_classes(self, class_root: str) -> None:
     if len(self.class_names) < 2:
@@ -166,8 +187,8 @@ class FolderSource(registry.Source):
     entries = []
     for rel in _walk(base):
       parts = rel.split(os.sep)
-      if len(parts) < 2:
-        continue  # loose files: counted by the caller
+      if len(parts) < 2 or (not sub and parts[0] == self._unlabelled_dir):
+        continue  # loose files: counted by the caller; unlabelled: read apart
       path = os.path.join(sub, rel) if sub else rel
       if parts[0] not in self.class_names:
         self.skipped.append(f'{path}: class {parts[0]!r} is not a train class')
@@ -187,7 +208,10 @@ class FolderSource(registry.Source):
 
   def _entries(self, split: Split) -> List[Entry]:
     if split not in self.split_entries:
-      self.require_labels(f'the {split.name} split')
+      if split not in splits.UNLABELLED_SPLITS:
+        self.require_labels(f'the {split.name} split')
+      raise DatasetError(f'{self.name} has no {split.name} split (images '
+                         'without labels go in PATH/unlabelled/)')
     return self.split_entries[split]
 
   def num_examples(self, split: Split) -> int:
@@ -212,10 +236,11 @@ class FolderSource(registry.Source):
     ds = ds.map(lambda path, label: (tf.io.read_file(path), label))
     return ds, len(shard), -(-count // process_count)
 
-  def manifest(self):
-    out = super().manifest()
+  def manifest(self, *args, **kwargs):
+    out = super().manifest(*args, **kwargs)
     out.update(root=self.root, layout=self.layout, skipped=self.skipped,
                num_skipped=len(self.skipped),
                files={s.name: [[p, l] for p, l in e]
-                      for s, e in self.split_entries.items()})
+                      for s, e in self.split_entries.items()
+                      if s != Split.TRAIN_AND_VALID_AND_UNLABELLED})
     return out

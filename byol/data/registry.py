@@ -13,10 +13,11 @@ into batches with the same crops, seeds, sharding and resumption.
 A source (`Source`) says its class count, the size of each split, this
 process's records of a split, its labels, and its normalisation statistics:
 the known ones for the built-in names, for the others the per-channel mean
-and standard deviation of a fixed sample of the training split (centre crops
-of the first `STATS_EXAMPLES` examples of TRAIN_AND_VALID, in the source's
-fixed order, at `STATS_IMAGE_SIZE` px), computed once per process and written
-with the source's manifest to the workdir (`write_manifest`).
+and standard deviation of a fixed sample of the pretraining split (centre
+crops of its first `STATS_EXAMPLES` examples, in the source's fixed order, at
+`STATS_IMAGE_SIZE` px), computed once per process and written with the
+source's manifest to the workdir (`write_manifest`). Statistics given in the
+config (`data.mean`, `data.std`) replace both.
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ class Source:
     """This process's stream of unshaped batches (see `byol.dataset.load`)."""
     if mode == splits.PreprocessMode.LINEAR_TRAIN:
       self.require_labels('supervised training')
+      if split in splits.UNLABELLED_SPLITS:
+        raise DatasetError(f'{split.name} of {self.name} has no labels: '
+                           'supervised training reads TRAIN or '
+                           'TRAIN_AND_VALID')
     ds, n, max_shard = self.records(split, process_index, process_count,
                                     deterministic, seed, subset)
     if n <= 0:
@@ -112,12 +117,23 @@ class Source:
         start_step, random_crop=encoded.random_crop_any,
         centre_crop=encoded.centre_crop_any)
 
-  @functools.cached_property
+  @property
   def stats(self) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-channel (mean, std) over a fixed sample (see the module doc)."""
+    """`stats_of(TRAIN_AND_VALID)`."""
+    return self.stats_of(Split.TRAIN_AND_VALID)
+
+  def stats_of(self, split: Split) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) over a fixed sample of `split` (see the
+    module doc); computed once per split."""
+    cache = self.__dict__.setdefault('_stats', {})
+    if split not in cache:
+      cache[split] = self._sample_stats(split)
+    return cache[split]
+
+  def _sample_stats(self, split: Split) -> Tuple[np.ndarray, np.ndarray]:
     ds = self.make_dataset(
-        Split.TRAIN_AND_VALID, splits.PreprocessMode.EVAL, 100,
-        STATS_IMAGE_SIZE, 0, True, 0, 1, 0)
+        split, splits.PreprocessMode.EVAL, 100, STATS_IMAGE_SIZE, 0, True, 0,
+        1, 0)
     total = np.zeros(3)
     squares = np.zeros(3)
     pixels = 0
@@ -137,9 +153,20 @@ class Source:
     std = np.where(std > 1e-6, std, 1.0)
     return mean.astype(np.float32), std.astype(np.float32)
 
-  def manifest(self) -> Dict[str, Any]:
-    """What a run read: the source's name, classes, split sizes, statistics."""
-    mean, std = self.stats
+  def has_split(self, split: Split) -> bool:
+    """Whether the source has `split` (UNLABELLED only where it has such
+    images)."""
+    try:
+      self.num_examples(split)
+    except DatasetError:
+      return False
+    return True
+
+  def manifest(self, pretrain_split: Split = Split.TRAIN_AND_VALID,
+               given: Optional[Stats] = None) -> Dict[str, Any]:
+    """What a run read: the source's name, classes, split sizes, the
+    pretraining split and the normalisation statistics (`given`: those of
+    the config, else the sampled ones)."""
     sizes = {}
     for split in Split:
       try:
@@ -148,9 +175,25 @@ class Source:
         sizes[split.name] = 0
     return {'dataset': self.name, 'labelled': self.labelled,
             'classes': list(self.class_names), 'num_examples': sizes,
-            'normalization': {'mean': mean.tolist(), 'std': std.tolist(),
-                              'examples': STATS_EXAMPLES,
-                              'image_size': STATS_IMAGE_SIZE}}
+            'pretrain_split': pretrain_split.name,
+            'normalization': (
+                stats_record(given, None) if given is not None else
+                stats_record(self.stats_of(pretrain_split), pretrain_split))}
+
+
+Stats = Tuple[np.ndarray, np.ndarray]
+
+
+def stats_record(stats: Stats, sampled_from: Optional[Split]) -> Dict[str, Any]:
+  """The manifest's `normalization`: mean, std and where they come from."""
+  mean, std = stats
+  out = {'mean': np.asarray(mean).tolist(), 'std': np.asarray(std).tolist()}
+  if sampled_from is None:
+    out['source'] = 'config'
+  else:
+    out.update(source='sample', split=sampled_from.name,
+               examples=STATS_EXAMPLES, image_size=STATS_IMAGE_SIZE)
+  return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -173,16 +216,24 @@ def resolve(name: str, data_dir: Optional[str] = None) -> Source:
   raise DatasetError(f'{name!r} is a built-in dataset, not a source')
 
 
-def write_manifest(name: str, data_dir: Optional[str], workdir: str) -> None:
-  """Writes the manifest of a prefixed source to `<workdir>/dataset.json`.
+def write_manifest(name: str, data_dir: Optional[str], workdir: str,
+                   pretrain_split: Split = Split.TRAIN_AND_VALID,
+                   given: Optional[Stats] = None) -> None:
+  """Writes the manifest of the data a run reads to `<workdir>/dataset.json`.
 
   For a folder it lists every file of every split and every skipped file,
-  so that a run can be repeated on the same images.
+  so that a run can be repeated on the same images. A built-in dataset has
+  a manifest only when the config gives its statistics (`given`), which it
+  then records.
   """
-  if is_builtin(name):
-    return
   from byol import files  # pylint: disable=g-import-not-at-top
-  files.write_json(os.path.join(workdir, MANIFEST_NAME),
-                   resolve(name, data_dir or None).manifest())
+  if is_builtin(name):
+    if given is None:
+      return
+    manifest = {'dataset': name, 'pretrain_split': pretrain_split.name,
+                'normalization': stats_record(given, None)}
+  else:
+    manifest = resolve(name, data_dir or None).manifest(pretrain_split, given)
+  files.write_json(os.path.join(workdir, MANIFEST_NAME), manifest)
 
 

@@ -56,11 +56,18 @@ class DatasetNotFoundError(DatasetError):
 
 
 class Split(enum.Enum):
-  """Splits as DeepMind's BYOL: VALID is held out of the train set."""
+  """Splits as DeepMind's BYOL: VALID is held out of the train set.
+
+  UNLABELLED is a source's split of images without labels (STL-10's
+  `unlabelled`; label -1), pretraining only; TRAIN_AND_VALID_AND_UNLABELLED
+  is it after TRAIN_AND_VALID. Only sources that have one know them.
+  """
   TRAIN_AND_VALID = 1
   TRAIN = 2
   VALID = 3
   TEST = 4
+  UNLABELLED = 5
+  TRAIN_AND_VALID_AND_UNLABELLED = 6
 
   @classmethod
   def from_string(cls, name: str) -> 'Split':
@@ -70,6 +77,12 @@ class Split(enum.Enum):
       raise DatasetError(
           f'unknown split {name!r}; choose from '
           f'{", ".join(s.name.lower() for s in cls)}') from None
+
+
+# The splits without labels (every label -1), which only pretraining reads.
+UNLABELLED_SPLITS = (Split.UNLABELLED, Split.TRAIN_AND_VALID_AND_UNLABELLED)
+# Examples without a label carry this one (as STL-10's in tfds).
+NO_LABEL = -1
 
 
 class PreprocessMode(enum.Enum):
@@ -106,6 +119,12 @@ def as_split(split: Union[Split, str]) -> Split:
   return split if isinstance(split, Split) else Split.from_string(split)
 
 
+def _builtin_split(table, split: Split, dataset: str):
+  if split not in table:
+    raise DatasetError(f'{dataset} has no {split.name} split')
+  return table[split]
+
+
 def num_examples(split: Union[Split, str],
                  dataset: str = 'imagenet2012',
                  data_dir: Optional[str] = None) -> int:
@@ -119,11 +138,12 @@ def num_examples(split: Union[Split, str],
   split = as_split(split)
   dataset = check_dataset(dataset)
   if dataset == 'fashion_mnist':
-    return FASHION_MNIST_SPLITS[split][2]
+    return _builtin_split(FASHION_MNIST_SPLITS, split, dataset)[2]
   if dataset == 'mock':
+    _builtin_split(IMAGENET_SPLITS, split, dataset)
     return MOCK_NUM_EXAMPLES
   if dataset == 'imagenet2012':
-    return IMAGENET_SPLITS[split][2]
+    return _builtin_split(IMAGENET_SPLITS, split, dataset)[2]
   from byol.data import registry  # pylint: disable=g-import-not-at-top
   return registry.resolve(dataset, data_dir or None).num_examples(split)
 

@@ -17,7 +17,10 @@ Splits, by a stated rule on the tfds split names:
                    first max(1, n // 10) examples of what is left of `train`
                    (as DeepMind holds ImageNet's VALID out of train);
   TRAIN            the rest of `train`;
-  TRAIN_AND_VALID  TRAIN and VALID.
+  TRAIN_AND_VALID  TRAIN and VALID;
+  UNLABELLED       `unlabelled` (or `unlabeled`) where the dataset has one,
+                   as STL-10: its labels are read as -1 whatever is stored;
+  TRAIN_AND_VALID_AND_UNLABELLED  TRAIN_AND_VALID, then UNLABELLED.
 So Imagenette (train, validation) tests on validation and holds VALID out
 of train, CIFAR-10 (train, test) likewise, and a dataset with train,
 validation and test uses each for its namesake.
@@ -38,6 +41,8 @@ from byol.data.splits import (DatasetError, DatasetNotFoundError, Split, tf,
 
 # (tfds split, first example, end) pieces of one of our splits.
 Pieces = List[Tuple[str, int, int]]
+# tfds' names of a split of images without labels (STL-10's is the first).
+UNLABELLED_NAMES = ('unlabelled', 'unlabeled')
 
 
 def _held_out(n: int) -> int:
@@ -143,52 +148,85 @@ class TfdsSource(registry.Source):
       raise DatasetError(f'{self.name} has {n} train examples: too few to '
                          'hold VALID and TEST out')
     train = [('train', begin, n)]
-    return {Split.TEST: test, Split.VALID: valid, Split.TRAIN: train,
-            Split.TRAIN_AND_VALID: sorted(valid + train,
-                                          key=lambda p: (p[0] != 'train',
-                                                         p[1]))}
+    pieces = {Split.TEST: test, Split.VALID: valid, Split.TRAIN: train,
+              Split.TRAIN_AND_VALID: sorted(valid + train,
+                                            key=lambda p: (p[0] != 'train',
+                                                           p[1]))}
+    unlabelled = next((u for u in UNLABELLED_NAMES if u in sizes), None)
+    if unlabelled is not None:
+      pieces[Split.UNLABELLED] = [(unlabelled, 0, sizes[unlabelled])]
+      pieces[Split.TRAIN_AND_VALID_AND_UNLABELLED] = (
+          pieces[Split.TRAIN_AND_VALID] + pieces[Split.UNLABELLED])
+    return pieces
+
+  def _pieces(self, split: Split) -> Pieces:
+    split = splits.as_split(split)
+    pieces = self.split_pieces
+    if split not in pieces:
+      raise DatasetError(
+          f'{self.name} has no {split.name} split (its tfds splits: '
+          f'{", ".join(sorted(self.builder.info.splits.keys()))})')
+    return pieces[split]
 
   def num_examples(self, split: Split) -> int:
-    return sum(e - b for _, b, e in self.split_pieces[splits.as_split(split)])
+    return sum(e - b for _, b, e in self._pieces(split))
 
-  def _spec(self, pieces: Pieces, begin: int, end: int) -> str:
-    """The tfds split string of positions [begin, end) of `pieces`."""
-    parts, offset = [], 0
+  def _specs(self, pieces: Pieces, begin: int, end: int) -> List[str]:
+    """tfds split strings of positions [begin, end) of `pieces`: one of the
+    labelled splits, then one of the unlabelled split (either may be
+    absent), so that the labels of the second can be replaced."""
+    labelled, unlabelled, offset = [], [], 0
     for tfds_split, b, e in pieces:
       lo, hi = max(begin, offset), min(end, offset + e - b)
       if lo < hi:
-        parts.append(f'{tfds_split}[{b + lo - offset}:{b + hi - offset}]')
+        part = f'{tfds_split}[{b + lo - offset}:{b + hi - offset}]'
+        (unlabelled if tfds_split in UNLABELLED_NAMES else
+         labelled).append(part)
       offset += e - b
-    return '+'.join(parts)
+    return ['+'.join(labelled), '+'.join(unlabelled)]
 
-  def _read(self, spec: str, deterministic: bool, seed: int):
-    return self.builder.as_dataset(
-        split=spec, decoders={self.image_key: tfds.decode.SkipDecoding()},
-        shuffle_files=not deterministic,
-        read_config=tfds.ReadConfig(shuffle_seed=seed))
+  def _read(self, pieces: Pieces, begin: int, end: int, deterministic: bool,
+            seed: int):
+    """(encoded image, int32 label) records of positions [begin, end) of
+    `pieces`; an unlabelled split's labels are -1 (`splits.NO_LABEL`)."""
+    out = None
+    for spec, labelled in zip(self._specs(pieces, begin, end), (True, False)):
+      if not spec:
+        continue
+      ds = self.builder.as_dataset(
+          split=spec, decoders={self.image_key: tfds.decode.SkipDecoding()},
+          shuffle_files=not deterministic,
+          read_config=tfds.ReadConfig(shuffle_seed=seed))
+      if labelled:
+        ds = ds.map(lambda ex: (ex[self.image_key],
+                                tf.cast(ex[self.label_key], tf.int32)))
+      else:
+        # Whatever the builder stored (STL-10: -1), these have no label.
+        ds = ds.map(lambda ex: (ex[self.image_key],
+                                tf.constant(splits.NO_LABEL, tf.int32)))
+      out = ds if out is None else out.concatenate(ds)
+    return out
 
   def labels(self, split: Split) -> np.ndarray:
-    pieces = self.split_pieces[split]
-    ds = self._read(self._spec(pieces, 0, self.num_examples(split)), True, 0)
-    ds = ds.map(lambda ex: tf.cast(ex[self.label_key], tf.int32)).batch(4096)
+    pieces = self._pieces(split)
+    ds = self._read(pieces, 0, self.num_examples(split), True, 0)
+    ds = ds.map(lambda image, label: label).batch(4096)
     return np.concatenate([b for b in ds.as_numpy_iterator()] or
                           [np.zeros([0], np.int32)])
 
   def records(self, split, process_index, process_count, deterministic,
               seed, subset=None):
-    pieces = self.split_pieces[split]
+    pieces = self._pieces(split)
     count = self.num_examples(split)
     # A subset is chosen by position: the file order must be the fixed one.
     deterministic = deterministic or subset is not None
     begin, end = splits.shard_range(0, count, process_index, process_count)
     if end <= begin:
       return None, 0, 0
-    ds = self._read(self._spec(pieces, begin, end), deterministic, seed)
+    ds = self._read(pieces, begin, end, deterministic, seed)
     n, max_shard = end - begin, -(-count // process_count)
     if subset is not None:
       local = subset[(subset >= begin) & (subset < end)] - begin
       ds = encoded.keep_positions(ds, local)
       n = max_shard = len(local)
-    ds = ds.map(lambda ex: (ex[self.image_key],
-                            tf.cast(ex[self.label_key], tf.int32)))
     return ds, n, max_shard

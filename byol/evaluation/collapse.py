@@ -56,7 +56,7 @@ class CollapseEvaluator:
     per_device = max(1, self.batch_size // n)
     net = self.network
     batch = next(dataset_lib.load(
-        dataset_lib.Split.TRAIN_AND_VALID,
+        dataset_lib.pretrain_split(net.config.data),
         preprocess_mode=dataset_lib.PreprocessMode.EVAL,
         batch_dims=[n, per_device], dataset=net.dataset,
         image_size=net.image_size, data_dir=net.data_dir,

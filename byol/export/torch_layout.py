@@ -204,7 +204,7 @@ def encoder_json(config: ml_collections.ConfigDict, num_classes: int,
   blocks, bottleneck = networks.RESNET_DEPTHS[enc.depth]
   blocks = tuple(enc.blocks_per_group) or blocks
   eps = config.model.bn_eps if enc.norm == 'bn' else config.model.gn_eps
-  mean, std = dataset_lib.normalization_stats(config.data.dataset)
+  mean, std = dataset_lib.data_normalization(config.data)
   c = {
       'format': 'byol-gnws torchvision-layout ResNet v1',
       'depth': enc.depth,
