@@ -297,7 +297,8 @@ def _loop(exp, start: int, inputs: Iterator,
   global_batch = c.batch_size
   exp.print(f'[train] {exp.config.method} on {exp.config.data.dataset}: '
             f'{total} steps of {global_batch} images, '
-            f'{jax.device_count()} device(s), from step {start}')
+            f'{exp.local_devices * jax.process_count()} device(s), '
+            f'from step {start}')
   t_start = t_last = time.time()
   last_step = start
   logs = None

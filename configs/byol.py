@@ -188,11 +188,13 @@ def get_config(arg=None):
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
   c.distributed.auto = False  # jax.distributed.initialize() auto-detection
-  # On the CPU: run as this many XLA devices (e.g. one per core), the batch
-  # split over them by pmap; BatchNorm keeps the statistics of the whole
-  # batch (cross-replica). 0: JAX's default, one CPU device. Same function,
-  # other rounding; on 2 cores, 2 devices run the `local` BN step faster
-  # (docs/performance.md). Ignored by accelerators.
+  # On the CPU: run as this many XLA devices, the batch split over them by
+  # pmap; BatchNorm keeps the statistics of the whole batch (cross-replica),
+  # so it is the same function, other rounding. 0 (automatic): one device per
+  # core for a network with batch statistics whose batch divides by the
+  # cores, else one (byol.distributed.cpu_device_count); on 2 cores the
+  # `local` BN step runs ~1.2x faster so (docs/performance.md). 1 turns it
+  # off. Ignored by accelerators.
   c.distributed.cpu_devices = 0
 
   if 'bn' in variants:
