@@ -391,7 +391,8 @@ class PretrainExperiment:
         batch_dims=[self.local_devices, self.accum, self.per_device_batch],
         dataset=c.data.dataset, image_size=c.data.image_size,
         data_dir=c.data.data_dir or None, seed=c.seed,
-        deterministic=c.training.deterministic_input, start_step=start_step)
+        deterministic=c.training.deterministic_input, start_step=start_step,
+        threads=c.data.input_threads)
     return devices.device_prefetch(it, sharding=self.sharding)
 
   def step(self, batch, step: int):
