@@ -51,6 +51,7 @@ from typing import List, Sequence
 from absl import flags
 
 from byol import dataset as dataset_lib
+from byol import host_memory
 from byol import train_loop
 from byol.errors import UserError
 from experiments import study
@@ -162,5 +163,6 @@ def _main(argv, printer) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.keep_freed_memory()  # as main.py, before JAX starts
   sys.exit(main(sys.argv[1:]))
 

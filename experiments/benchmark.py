@@ -67,6 +67,7 @@ import numpy as np
 from byol import devices
 from byol import distributed
 from byol import experiment
+from byol import host_memory
 from byol import layers
 from byol import model
 from byol import update as update_lib
@@ -465,6 +466,8 @@ def _time_size(size, names, printer=print):
 
 def main(argv):
   del argv
+  # As main.py: freed step buffers are kept for reuse (byol/host_memory.py).
+  host_memory.keep_freed_memory()
   names = list(_NORMS.value)
   for size in _SIZES.value:
     if size not in SIZES:
