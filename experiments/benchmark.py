@@ -29,19 +29,28 @@ runs the size's config as it is; suffixes, each after a `+`, change it:
   +noaug            the step without its on-device augmentations (the views
                     as given, normalised only), as the PyTorch reference
   +cpuN             distributed.cpu_devices=N: the step on N CPU devices (e.g.
-                    one per core), the batch split over them by pmap;
-                    BatchNorm keeps the statistics of the whole batch
+                    one per core; +cpu1: one), the batch split over them by
+                    pmap; BatchNorm keeps the statistics of the whole batch
 
 e.g. `gn+ws+lax+onepass` (the `local` step before the CPU preset's
 settings), `gn+ws+fastconv+pass128`, `bn+fastconv`.
 
-With a `+cpuN` variant the process starts as many CPU devices as the largest
-N asks for; other variants run on one of them.
+Without `+cpuN` a variant runs on the CPU devices main.py would give its
+config (`distributed.cpu_devices=0`, automatic: a BatchNorm network one per
+core, others one); `+cpu1` keeps one. The process starts as many CPU devices
+as the most any variant takes; each runs on its own first ones.
+
+Every variant is compiled first; then `--reps` repetitions (default 3) each
+time `--steps` steps of every variant, the order rotating by one per
+repetition, so that drifting load falls on all alike. A variant's images/s
+is the median over repetitions of each repetition's median step, reported
+with its range (min-max).
 
 `--torch_python=PYTHON` also times `experiments/torch_reference.py`, the same
 network and step in PyTorch (BN and GN+WS), in a second process run by that
 Python: one PyTorch step after each timed JAX step, so that both see the same
-load, and the ratio `vs_torch` (JAX images/s over PyTorch's) is reported.
+load, and the ratio `vs_torch` (JAX images/s over PyTorch's, per
+repetition, then their median and range) is reported.
 PyTorch is not a dependency of the project; the reference times the step
 without the augmentations, which the JAX step includes unless `+noaug`.
 
