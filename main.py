@@ -137,6 +137,10 @@ class _Workdir:
 
 
 def _run(config, workdir):
+  # Before JAX and TensorFlow start their threads: a CPU step's buffers are
+  # reused instead of faulted in again every step (byol/host_memory.py).
+  from byol import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_freed_memory()
   # Imported here so that flag errors come back without importing JAX/TF.
   from byol import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config)

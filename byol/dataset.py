@@ -222,7 +222,8 @@ def load(split: Union[Split, str], *,
          process_index: Optional[int] = None,
          process_count: Optional[int] = None,
          start_step: int = 0,
-         subset: Optional[Sequence[int]] = None) -> Iterator[Batch]:
+         subset: Optional[Sequence[int]] = None,
+         threads: int = 0) -> Iterator[Batch]:
   """Yields batches of this process's shard of `split`.
 
   Args:
@@ -248,6 +249,9 @@ def load(split: Union[Split, str], *,
     start_step: start where a fresh stream would be after this many batches.
     subset: positions in `split` of the only examples to read (a low-label
       subset), sorted and distinct; None reads the whole split.
+    threads: the size of the pipeline's own thread pool; 0: TensorFlow's
+      default, one thread per core. Fewer keep the pipeline off the cores a
+      CPU training step runs on, where it is fast enough with them.
 
   Returns:
     An iterator of dicts of numpy arrays: images float32 in [0, 1] of shape
@@ -283,7 +287,8 @@ def load(split: Union[Split, str], *,
         process_index, process_count, start_step, subset)
   return _finish(ds, batch_dims, deterministic=(
       # Evaluation keeps its order (the padding comes last) at little cost.
-      deterministic or preprocess_mode == PreprocessMode.EVAL))
+      deterministic or preprocess_mode == PreprocessMode.EVAL),
+                 threads=threads)
 
 
 def _check_subset(subset, split, dataset, data_dir) -> np.ndarray:
@@ -332,7 +337,8 @@ def _check_load_args(preprocess_mode, batch_dims: Sequence[int],
   return int(np.prod(batch_dims)), process_index, process_count
 
 
-def _finish(ds, batch_dims, *, deterministic: bool) -> Iterator[Batch]:
+def _finish(ds, batch_dims, *, deterministic: bool,
+            threads: int = 0) -> Iterator[Batch]:
   """Shapes the stream's batches to `batch_dims`, prefetches, sets options."""
 
   def reshape(batch):
@@ -345,5 +351,7 @@ def _finish(ds, batch_dims, *, deterministic: bool) -> Iterator[Batch]:
   # One thread per map call, parallel calls across cores: avoids the
   # oversubscription of nested thread pools on small hosts.
   options.threading.max_intra_op_parallelism = 1
+  if threads:
+    options.threading.private_threadpool_size = threads
   ds = ds.with_options(options)
   return ds.as_numpy_iterator()

@@ -6,7 +6,9 @@ devices of all processes. Call `initialize(config)` before anything touches a
 JAX device.
 """
 
+import os
 import re
+from typing import List, Optional
 
 import jax
 import ml_collections
@@ -22,7 +24,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   d = config.get('distributed')
   if d is not None and d.get('cpu_devices', 0) < 0:
     raise ConfigError(f'distributed.cpu_devices={d.cpu_devices} must be >= 0 '
-                      '(0: one CPU device)')
+                      '(0: automatic, 1: one CPU device)')
   if d is None or not d.coordinator_address:
     return
   match = _ADDRESS.match(d.coordinator_address)
@@ -53,10 +55,102 @@ def set_cpu_devices(count: int) -> None:
         'devices') from None
 
 
+def available_cores() -> int:
+  """The CPU cores this process may run on (its affinity mask, e.g. taskset)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def cpu_device_count(config: ml_collections.ConfigDict,
+                     cores: Optional[int] = None) -> int:
+  """How many CPU devices a run of `config` takes: the automatic rule.
+
+  `distributed.cpu_devices` > 0 is taken as it is. 0 (the default) means
+  one device per core when the network has batch statistics (BatchNorm in
+  a trained component) and the batch divides into per-core micro-batches,
+  else one. BatchNorm cannot split a view into independent passes, but
+  pmap can split it over devices, and the cross-replica statistics keep it
+  the same function: on 2 cores the `local` BN step runs ~1.2x faster so
+  (docs/performance.md). A network without batch statistics already keeps
+  the cores busy with its independent passes, and gains nothing from it.
+
+  Args:
+    config: a pretraining config.
+    cores: the cores to count on; by default `available_cores()`.
+  """
+  d = config.get('distributed')
+  count = d.get('cpu_devices', 0) if d is not None else 1
+  if count > 0:
+    return count
+  # Imported here: the network's module imports TensorFlow, which the
+  # explicit settings above do not need.
+  from byol import model  # pylint: disable=g-import-not-at-top
+  if 'model' not in config or model.batch_independent(config):
+    return 1
+  cores = cores or available_cores()
+  t = config.training
+  if cores < 2 or t.batch_size % (cores * d.num_processes *
+                                  t.accumulation_steps):
+    return 1
+  return cores
+
+
+def _count_fixed_by_xla_flags() -> bool:
+  return '--xla_force_host_platform_device_count' in os.environ.get(
+      'XLA_FLAGS', '')
+
+
+def start_cpu_devices(configs: List[ml_collections.ConfigDict]) -> int:
+  """Starts JAX's CPU backend with the devices the runs of `configs` take.
+
+  For one process that runs several configs (a study, the benchmark): the
+  most any of them takes; each run then uses its own first
+  `cpu_device_count` devices (`local_training_devices`). An explicit count
+  must come before JAX starts (`ConfigError` after, from
+  `set_cpu_devices`); the automatic one gives way to a count JAX already
+  runs with or that XLA_FLAGS' --xla_force_host_platform_device_count sets
+  (the tests' 4 devices).
+
+  Returns:
+    The number of CPU devices asked for.
+  """
+  count = max([cpu_device_count(c) for c in configs] or [1])
+  explicit = [c.distributed.cpu_devices for c in configs
+              if c.get('distributed') is not None and
+              c.distributed.get('cpu_devices', 0) > 0]
+  if explicit:
+    set_cpu_devices(count)
+  elif not _count_fixed_by_xla_flags():
+    try:
+      set_cpu_devices(count)
+    except ConfigError:
+      pass  # JAX already runs: the automatic rule keeps what it has
+  return count
+
+
+def local_training_devices(config: ml_collections.ConfigDict) -> List:
+  """The local devices a pretraining run of `config` pmaps over.
+
+  All of them, except on the CPU of a single process started by
+  `start_cpu_devices` with more devices than this config takes (a study
+  whose BatchNorm rows take one device per core): then its first
+  `cpu_device_count(config)`.
+  """
+  local = jax.local_devices()
+  if (local[0].platform != 'cpu' or jax.process_count() > 1 or
+      jax.config.jax_num_cpu_devices <= 0):
+    return local
+  count = cpu_device_count(config)
+  return local[:count] if count <= len(local) else local
+
+
 def initialize(config: ml_collections.ConfigDict) -> None:
   """Sets the CPU device count; calls `jax.distributed.initialize` if asked.
 
-  `distributed.cpu_devices` > 0 splits the CPU into that many JAX devices.
+  `distributed.cpu_devices` splits the CPU into that many JAX devices (0:
+  the automatic rule of `cpu_device_count`).
 
   `distributed.coordinator_address` ('host:port', the address of process 0)
   with `num_processes` and `process_id` starts an explicit cluster (CPU/GPU
@@ -73,8 +167,7 @@ def initialize(config: ml_collections.ConfigDict) -> None:
   if d is None:
     return
   check_config(config)
-  if d.get('cpu_devices', 0):
-    set_cpu_devices(d.cpu_devices)
+  start_cpu_devices([config])
   if _initialized or not (d.coordinator_address or d.auto):
     return
   if not jax.config.jax_cpu_collectives_implementation:

@@ -27,6 +27,7 @@ from byol import bn_init
 from byol import checkpointing
 from byol import dataset as dataset_lib
 from byol import devices
+from byol import distributed
 from byol import model
 from byol import update as update_lib
 from byol.errors import ConfigError
@@ -314,8 +315,13 @@ class PretrainExperiment:
     self.workdir = workdir
     self.print = printer
     self.is_chief = jax.process_index() == 0
-    self.local_devices = jax.local_device_count()
-    self.per_device_batch = per_device_batch(config, jax.device_count())
+    # On a CPU, a BatchNorm run may take one device per core while other
+    # runs of the same process take one (byol/distributed.py).
+    self.devices = distributed.local_training_devices(config)
+    self.sharding = devices.local_mesh_sharding(self.devices)
+    self.local_devices = len(self.devices)
+    self.per_device_batch = per_device_batch(
+        config, self.local_devices * jax.process_count())
     self.accum = config.training.accumulation_steps
     self.total_steps = num_steps(config)
     self.warmup = warmup_steps(config)
@@ -325,18 +331,25 @@ class PretrainExperiment:
     self.optimizer = update_lib.make_optimizer(config, self.total_steps,
                                                self.warmup)
     self._init = jax.pmap(make_init_fn(self.network, self.optimizer),
-                          axis_name=devices.AXIS)
+                          axis_name=devices.AXIS, devices=self._pmap_devices())
     self._update = jax.pmap(
         update_lib.make_update_fn(config, self.network.forward,
                                   self.optimizer, self.total_steps,
                                   self.warmup, devices.AXIS),
-        axis_name=devices.AXIS, donate_argnums=(0,))
+        axis_name=devices.AXIS, donate_argnums=(0,),
+        devices=self._pmap_devices())
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, 'checkpoints'),
         keep=config.training.keep_checkpoints)
     self._base_rng = jax.random.PRNGKey(config.seed + 1)
     # The replicated TrainState; set by `restore_or_init`, advanced by `step`.
     self.state = None
+
+  def _pmap_devices(self):
+    # pmap's `devices` only where it is a subset: across processes pmap
+    # takes every device of every process.
+    return (self.devices if len(self.devices) < jax.local_device_count()
+            else None)
 
   def _sample_images(self):
     s = self.config.data.image_size
@@ -349,7 +362,7 @@ class PretrainExperiment:
       images = self.bn_init_batch()
     else:
       images = self._sample_images()
-    return self._init(devices.replicate(rng), images)
+    return self._init(devices.replicate(rng, self.sharding), images)
 
   def bn_init_batch(self) -> np.ndarray:
     """The augmented batch of the BN-init pass, on every device."""
@@ -377,7 +390,7 @@ class PretrainExperiment:
       return 0
     host_state, _ = self.checkpointer.restore(step, target=self.state_template())
     self.print(f'[train] resuming from the checkpoint of step {step}')
-    self.state = devices.replicate(host_state)
+    self.state = devices.replicate(host_state, self.sharding)
     return int(step)
 
   # What the training loop calls.
@@ -391,14 +404,16 @@ class PretrainExperiment:
         batch_dims=[self.local_devices, self.accum, self.per_device_batch],
         dataset=c.data.dataset, image_size=c.data.image_size,
         data_dir=c.data.data_dir or None, seed=c.seed,
-        deterministic=c.training.deterministic_input, start_step=start_step)
-    return devices.device_prefetch(it)
+        deterministic=c.training.deterministic_input, start_step=start_step,
+        threads=c.data.input_threads)
+    return devices.device_prefetch(it, sharding=self.sharding)
 
   def step(self, batch, step: int):
     """Runs training step `step` on `batch`; returns its (device) scalars."""
     # One key per step, derived from the step alone: a resumed run draws the
     # same keys as an uninterrupted one.
-    rng = devices.replicate(jax.random.fold_in(self._base_rng, step))
+    rng = devices.replicate(jax.random.fold_in(self._base_rng, step),
+                            self.sharding)
     self.state, logs = self._update(self.state, batch, rng)
     return logs
 

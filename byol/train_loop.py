@@ -40,7 +40,9 @@ RESUMABLE_FIELDS = ('training.log_every_steps', 'training.checkpoint_every_steps
                     'training.diagnostics_batch_size',
                     # How the step is arranged for the hardware, not what it
                     # computes (the same function up to float rounding):
-                    'model.encoder.fast_conv', 'training.images_per_pass')
+                    'model.encoder.fast_conv', 'training.images_per_pass',
+                    # the input pipeline's thread pool (the same batches)
+                    'data.input_threads')
 # Where the run runs, not what it computes: a preempted multi-host job may come
 # back on other hosts (another coordinator address), and every process has its
 # own process_id. Like the device count, the number of processes changes how
@@ -304,7 +306,8 @@ def _loop(exp, start: int, inputs: Iterator,
   global_batch = c.batch_size
   exp.print(f'[train] {exp.config.method} on {exp.config.data.dataset}: '
             f'{total} steps of {global_batch} images, '
-            f'{jax.device_count()} device(s), from step {start}')
+            f'{exp.local_devices * jax.process_count()} device(s), '
+            f'from step {start}')
   t_start = t_last = time.time()
   last_step = start
   logs = None

@@ -53,6 +53,7 @@ from typing import List, Sequence
 from absl import flags
 
 from byol import dataset as dataset_lib
+from byol import host_memory
 from byol.errors import UserError
 from experiments import study
 from experiments.study import Row
@@ -155,5 +156,6 @@ def main(argv: Sequence[str], printer=print) -> int:
 
 
 if __name__ == '__main__':
+  host_memory.keep_freed_memory()  # as main.py, before JAX starts
   sys.exit(main(sys.argv[1:]))
 

@@ -29,19 +29,28 @@ runs the size's config as it is; suffixes, each after a `+`, change it:
   +noaug            the step without its on-device augmentations (the views
                     as given, normalised only), as the PyTorch reference
   +cpuN             distributed.cpu_devices=N: the step on N CPU devices (e.g.
-                    one per core), the batch split over them by pmap;
-                    BatchNorm keeps the statistics of the whole batch
+                    one per core; +cpu1: one), the batch split over them by
+                    pmap; BatchNorm keeps the statistics of the whole batch
 
 e.g. `gn+ws+lax+onepass` (the `local` step before the CPU preset's
 settings), `gn+ws+fastconv+pass128`, `bn+fastconv`.
 
-With a `+cpuN` variant the process starts as many CPU devices as the largest
-N asks for; other variants run on one of them.
+Without `+cpuN` a variant runs on the CPU devices main.py would give its
+config (`distributed.cpu_devices=0`, automatic: a BatchNorm network one per
+core, others one); `+cpu1` keeps one. The process starts as many CPU devices
+as the most any variant takes; each runs on its own first ones.
+
+Every variant is compiled first; then `--reps` repetitions (default 3) each
+time `--steps` steps of every variant, the order rotating by one per
+repetition, so that drifting load falls on all alike. A variant's images/s
+is the median over repetitions of each repetition's median step, reported
+with its range (min-max).
 
 `--torch_python=PYTHON` also times `experiments/torch_reference.py`, the same
 network and step in PyTorch (BN and GN+WS), in a second process run by that
 Python: one PyTorch step after each timed JAX step, so that both see the same
-load, and the ratio `vs_torch` (JAX images/s over PyTorch's) is reported.
+load, and the ratio `vs_torch` (JAX images/s over PyTorch's, per
+repetition, then their median and range) is reported.
 PyTorch is not a dependency of the project; the reference times the step
 without the augmentations, which the JAX step includes unless `+noaug`.
 
@@ -67,6 +76,7 @@ import numpy as np
 from byol import devices
 from byol import distributed
 from byol import experiment
+from byol import host_memory
 from byol import layers
 from byol import model
 from byol import update as update_lib
@@ -75,6 +85,19 @@ from configs import byol as byol_config
 SIZES = {
     # name: (config variants, overrides, whether to time the input pipeline)
     'local': ('local', {}, True),
+    # For tests of the benchmark itself: seconds to compile and run.
+    'tiny': ('local', {
+        'model.encoder.width_multiplier': 0.125,
+        'model.encoder.num_groups': 4,
+        'model.projector.hidden_size': 32,
+        'model.projector.output_size': 16,
+        'model.projector.num_groups': 4,
+        'model.predictor.hidden_size': 32,
+        'model.predictor.output_size': 16,
+        'model.predictor.num_groups': 4,
+        'data.image_size': 16,
+        'training.batch_size': 16,
+    }, False),
     'resnet18_32': ('local', {
         'model.encoder.blocks_per_group': (),
         'model.encoder.depth': 18,
@@ -207,10 +230,15 @@ class TorchReference:
     self._proc.wait()
 
 
-_SIZES = flags.DEFINE_list('sizes', list(SIZES), 'Sizes to measure.')
+_SIZES = flags.DEFINE_list('sizes', ['local', 'resnet18_32', 'resnet50_224'],
+                           f'Sizes to measure, among {", ".join(SIZES)}.')
 _NORMS = flags.DEFINE_list('norms', ['bn', 'gn+ws', 'none'],
                            f'Variants, among {", ".join(NORM_VARIANTS)}.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per variant.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per variant and '
+                              'repetition.')
+_REPS = flags.DEFINE_integer(
+    'reps', 3, 'Repetitions, interleaved across variants (and with PyTorch): '
+    'each variant\'s figure is the median over them, with their range.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Override every batch size.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
@@ -248,87 +276,123 @@ def variant_config(size, name):
   return base, overrides, config
 
 
-def time_step(config, after_step=None, augment=True):
-  """Compiles and times the pmapped update step on a fixed random batch.
+class StepTimer:
+  """One variant's compiled update step on a fixed random batch, to time.
 
-  `after_step`, if given, is called after each timed step, outside its time
-  (the PyTorch reference's step, interleaved). Without `augment` the step
-  skips the on-device augmentations.
+  Built (compiled and warmed up) once; `run(steps)` then times steps of it
+  whenever it is called, so that the repetitions of several variants can
+  interleave. Without `augment` the step skips the on-device augmentations.
   """
-  local = jax.local_devices()
-  if local[0].platform == 'cpu' and config.distributed.cpu_devices:
-    local = local[:config.distributed.cpu_devices]
-  elif local[0].platform == 'cpu' and jax.config.jax_num_cpu_devices > 0:
-    local = local[:1]  # the process has more only for +cpuN variants
-  n = len(local)
-  per_device = experiment.per_device_batch(config, n)
-  s = config.data.image_size
-  rng = np.random.RandomState(0)
-  shape = (n, 1, per_device, s, s, 3)
-  batch = {'view1': rng.uniform(size=shape).astype(np.float32),
-           'view2': rng.uniform(size=shape).astype(np.float32),
-           'labels': rng.randint(0, 10, size=shape[:3]).astype(np.int32)}
-  network = model.Network(config, devices.AXIS)
-  forward = network.forward
-  optimizer = update_lib.make_optimizer(config, 1000, 10)
-  init = jax.pmap(experiment.make_init_fn(network, optimizer),
-                  axis_name=devices.AXIS, devices=local)
-  update = jax.pmap(
-      update_lib.make_update_fn(config, forward, optimizer, 1000, 10,
-                                augment=augment),
-      axis_name=devices.AXIS, donate_argnums=(0,), devices=local)
-  sharding = devices.local_mesh_sharding(local)
-  key = devices.replicate(jax.random.PRNGKey(0), sharding)
-  state = init(key, np.zeros((n, per_device, s, s, 3), np.float32))
-  batch = jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
-  t0 = time.perf_counter()
-  lowered = update.lower(state, batch, key)
-  compiled = lowered.compile()
-  compile_sec = time.perf_counter() - t0
-  flops = memory = None
-  try:
-    # Counted on the lowered program, before the backend turns convolutions
-    # into library calls (cuDNN) that its own count would leave out.
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get('flops', 0.0)) or None
-  except Exception:  # pylint: disable=broad-except
-    pass
-  try:
-    m = compiled.memory_analysis()
-    memory = (m.argument_size_in_bytes + m.output_size_in_bytes +
-              m.temp_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except
-    pass
-  for _ in range(_WARMUP.value):
-    state, logs = compiled(state, batch, key)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(_STEPS.value):
-    t = time.perf_counter()
-    state, logs = compiled(state, batch, key)
-    jax.block_until_ready(logs)
-    times.append(time.perf_counter() - t)
-    if after_step is not None:
-      after_step()
-  global_batch = config.training.batch_size
-  median = statistics.median(times)
-  device_mem = None
-  stats = jax.local_devices()[0].memory_stats()
-  if stats and 'peak_bytes_in_use' in stats:
-    device_mem = stats['peak_bytes_in_use']
-  return {
-      'images_per_sec': global_batch / median,
-      'step_ms': 1000 * median,
-      'compile_sec': compile_sec,
-      'xla_memory_mb': memory / 2**20 if memory else None,
-      'device_peak_mb': device_mem / 2**20 if device_mem else None,
-      'num_devices': n,
-      # XLA's count for the whole step (two views, online + target), per
-      # image of the global batch.
-      'gflops_per_image': (flops * n / global_batch / 1e9
-                           if flops else None),
-  }
+
+  def __init__(self, config, augment=True):
+    self.config = config
+    # The devices main.py would give this config (a BatchNorm network: one
+    # per core), among those the process started with for all variants.
+    local = distributed.local_training_devices(config)
+    n = len(local)
+    per_device = experiment.per_device_batch(config, n)
+    s = config.data.image_size
+    rng = np.random.RandomState(0)
+    shape = (n, 1, per_device, s, s, 3)
+    batch = {'view1': rng.uniform(size=shape).astype(np.float32),
+             'view2': rng.uniform(size=shape).astype(np.float32),
+             'labels': rng.randint(0, 10, size=shape[:3]).astype(np.int32)}
+    network = model.Network(config, devices.AXIS)
+    optimizer = update_lib.make_optimizer(config, 1000, 10)
+    init = jax.pmap(experiment.make_init_fn(network, optimizer),
+                    axis_name=devices.AXIS, devices=local)
+    update = jax.pmap(
+        update_lib.make_update_fn(config, network.forward, optimizer, 1000,
+                                  10, augment=augment),
+        axis_name=devices.AXIS, donate_argnums=(0,), devices=local)
+    sharding = devices.local_mesh_sharding(local)
+    self._key = devices.replicate(jax.random.PRNGKey(0), sharding)
+    self._state = init(self._key, np.zeros((n, per_device, s, s, 3),
+                                           np.float32))
+    self._batch = jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+    t0 = time.perf_counter()
+    lowered = update.lower(self._state, self._batch, self._key)
+    self._step = lowered.compile()
+    self.info = {'compile_sec': time.perf_counter() - t0, 'num_devices': n,
+                 'xla_memory_mb': None, 'gflops_per_image': None}
+    try:
+      # Counted on the lowered program, before the backend turns
+      # convolutions into library calls (cuDNN) that its own count would
+      # leave out.
+      cost = lowered.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      flops = float(cost.get('flops', 0.0))
+      if flops:
+        # XLA's count for the whole step (two views, online + target), per
+        # image of the global batch.
+        self.info['gflops_per_image'] = (
+            flops * n / config.training.batch_size / 1e9)
+    except Exception:  # pylint: disable=broad-except
+      pass
+    try:
+      m = self._step.memory_analysis()
+      self.info['xla_memory_mb'] = (m.argument_size_in_bytes +
+                                    m.output_size_in_bytes +
+                                    m.temp_size_in_bytes) / 2**20
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+  def run(self, steps, after_step=None):
+    """Seconds of each of `steps` steps; `after_step()` runs after each one,
+    outside its time (the PyTorch reference's step, interleaved)."""
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      self._state, logs = self._step(self._state, self._batch, self._key)
+      jax.block_until_ready(logs)
+      times.append(time.perf_counter() - t)
+      if after_step is not None:
+        after_step()
+    return times
+
+
+def spread(values):
+  """Median, min and max of per-repetition figures (a list)."""
+  return {'median': statistics.median(values), 'min': min(values),
+          'max': max(values), 'reps': list(values)}
+
+
+def summarize_reps(batch_size, jax_times, torch_times=None):
+  """The figures of one variant from its repetitions' step times.
+
+  Each repetition gives images/s from its median step (the median damps a
+  step hit by a burst of load); the variant's figure is the median over
+  repetitions and its range their min and max. With `torch_times` (the
+  PyTorch steps interleaved with the same repetitions), the same for
+  PyTorch and for the ratio JAX/PyTorch of each repetition.
+
+  Args:
+    batch_size: images per step.
+    jax_times: per repetition, the seconds of each timed step.
+    torch_times: the same for PyTorch, or None.
+  """
+  rate = lambda times: batch_size / statistics.median(times)
+  jax_rates = [rate(t) for t in jax_times]
+  r = {'images_per_sec': spread(jax_rates),
+       'step_ms': 1000 * statistics.median(
+           [statistics.median(t) for t in jax_times]),
+       'reps': len(jax_times)}
+  median = r['images_per_sec']['median']
+  # The issue's stability criterion: the range within +-10% of the median.
+  r['range_vs_median'] = [r['images_per_sec']['min'] / median - 1,
+                          r['images_per_sec']['max'] / median - 1]
+  if torch_times:
+    torch_rates = [rate(t) for t in torch_times]
+    r['torch_images_per_sec'] = spread(torch_rates)
+    r['torch_step_ms'] = 1000 * statistics.median(
+        [statistics.median(t) for t in torch_times])
+    r['vs_torch'] = spread([j / t for j, t in zip(jax_rates, torch_rates)])
+  return r
+
+
+def _fmt(sp, digits=1):
+  return (f'{sp["median"]:.{digits}f} ({sp["min"]:.{digits}f}-'
+          f'{sp["max"]:.{digits}f})')
 
 
 def time_input(config, steps=20):
@@ -347,79 +411,110 @@ def time_input(config, steps=20):
   return config.training.batch_size * steps / (time.perf_counter() - t)
 
 
+def _time_size(size, names, printer=print):
+  """Builds every variant of `size`, then times them in interleaved reps.
+
+  Every variant (and its PyTorch reference, in its own process) is compiled
+  and warmed up first; then each repetition times `--steps` steps of every
+  variant, the order rotating by one each repetition, each JAX step followed
+  by one PyTorch step. Drifting load thus falls on all variants and on both
+  frameworks alike.
+  """
+  timers, torch_refs, times, torch_times, configs = {}, {}, {}, {}, {}
+  try:
+    for name in names:
+      base, overrides, config = variant_config(size, name)
+      configs[name] = (base, overrides, config)
+      context = (naive_group_norm() if base.endswith('_naive')
+                 else contextlib.nullcontext())
+      with context:
+        timers[name] = StepTimer(config, augment=augments(name))
+      timers[name].run(_WARMUP.value)
+      if _TORCH_PYTHON.value and base in TORCH_VARIANTS:
+        torch_refs[name] = TorchReference(
+            _TORCH_PYTHON.value, TORCH_VARIANTS[base],
+            config.training.batch_size, config.data.image_size)
+      times[name], torch_times[name] = [], []
+    for rep in range(_REPS.value):
+      k = rep % len(names)
+      for name in names[k:] + names[:k]:
+        ref = torch_refs.get(name)
+        before = len(ref.times) if ref else 0
+        times[name].append(timers[name].run(_STEPS.value,
+                                            ref and ref.step))
+        if ref:
+          torch_times[name].append(ref.times[before:])
+  finally:
+    for ref in torch_refs.values():
+      ref.close()
+  row = {}
+  for name in names:
+    base, overrides, config = configs[name]
+    b = config.training.batch_size
+    r = dict(timers[name].info, **summarize_reps(b, times[name],
+                                                 torch_times[name]))
+    r['config_overrides'] = overrides
+    r['augment'] = augments(name)
+    if name in torch_refs:
+      r['torch_info'] = torch_refs[name].info
+    row[name] = r
+    # Step time relative to BatchNorm's: <= 1.00 means no slower than BN.
+    r['step_time_vs_bn'] = (r['step_ms'] / row['bn']['step_ms']
+                            if 'bn' in row else float('nan'))
+    printer(f'| {size} | {name} | {b} | {r["num_devices"]} | '
+            f'{_fmt(r["images_per_sec"])} | {r["step_time_vs_bn"]:.2f} | '
+            f'{r["step_ms"]:.1f} | {r["compile_sec"]:.1f} | '
+            f'{r["xla_memory_mb"] or float("nan"):.0f} | '
+            f'{r["gflops_per_image"] or float("nan"):.2f} |')
+    if 'torch_images_per_sec' in r:
+      printer(f'| {size} | {name}: PyTorch {r["torch_info"]["torch"]} | {b} '
+              f'| | {_fmt(r["torch_images_per_sec"])} | JAX/PyTorch '
+              f'{_fmt(r["vs_torch"], 2)} | {r["torch_step_ms"]:.1f} | | | |')
+  return row
+
+
 def main(argv):
   del argv
-  variants = {}
-  for name in _NORMS.value:
-    try:
-      variants[name] = parse_variant(name)
-    except ValueError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-  cpu_devices = max(o.get('distributed.cpu_devices', 0)
-                    for _, o in variants.values())
-  if cpu_devices:
-    # Before anything starts JAX's backends; only the CPU backend uses it.
-    distributed.set_cpu_devices(cpu_devices)
-  platform = jax.devices()[0].platform
-  results = {'platform': platform, 'device': str(jax.devices()[0].device_kind),
-             'num_devices': jax.device_count(), 'dtype': _DTYPE.value,
-             'steps': _STEPS.value, 'sizes': {}}
-  print(f'# BYOL train step, {jax.device_count()} x {results["device"]} '
-        f'({platform}), {_DTYPE.value}, median of {_STEPS.value} steps')
-  header = ('| size | norm | batch | images/s | time/bn | step ms | compile s | '
-            'XLA MB | GFLOP/img |')
-  print(header)
-  print('|' + '---|' * (header.count('|') - 1))
+  # As main.py: freed step buffers are kept for reuse (byol/host_memory.py).
+  host_memory.keep_freed_memory()
+  names = list(_NORMS.value)
   for size in _SIZES.value:
     if size not in SIZES:
       print(f'error: unknown size {size!r}; choose from {", ".join(SIZES)}',
             file=sys.stderr)
       sys.exit(2)
-    row = {}
-    for name in _NORMS.value:
-      base, overrides, config = variant_config(size, name)
-      torch_ref = None
-      if _TORCH_PYTHON.value and base in TORCH_VARIANTS:
-        torch_ref = TorchReference(_TORCH_PYTHON.value, TORCH_VARIANTS[base],
-                                   config.training.batch_size,
-                                   config.data.image_size)
-      if base.endswith('_naive'):
-        context = naive_group_norm()
-      else:
-        context = contextlib.nullcontext()
-      augment = augments(name)
-      with context:
-        r = time_step(config, torch_ref and torch_ref.step, augment=augment)
-      if torch_ref:
-        torch_ref.close()
-        torch_median = statistics.median(torch_ref.times)
-        r['torch'] = dict(torch_ref.info, step_ms=1000 * torch_median,
-                          images_per_sec=(config.training.batch_size /
-                                          torch_median))
-        r['vs_torch'] = r['images_per_sec'] / r['torch']['images_per_sec']
-      row[name] = r
-      # Step time relative to BatchNorm's: <= 1.00 means no slower than BN.
-      ratio = (r['step_ms'] / row['bn']['step_ms'] if 'bn' in row
-               else float('nan'))
-      r['step_time_vs_bn'] = ratio
-      r['config_overrides'] = overrides
-      r['augment'] = augment
-      print(f'| {size} | {name} | {config.training.batch_size} | '
-            f'{r["images_per_sec"]:.1f} | {ratio:.2f} | {r["step_ms"]:.1f} | '
-            f'{r["compile_sec"]:.1f} | '
-            f'{r["xla_memory_mb"] or float("nan"):.0f} | '
-            f'{r["gflops_per_image"] or float("nan"):.2f} |', flush=True)
-      if 'torch' in r:
-        print(f'| {size} | {name}: PyTorch {r["torch"]["torch"]} | '
-              f'{config.training.batch_size} | '
-              f'{r["torch"]["images_per_sec"]:.1f} | JAX/PyTorch '
-              f'{r["vs_torch"]:.2f} | {r["torch"]["step_ms"]:.1f} | | | |',
-              flush=True)
+  try:
+    configs = [variant_config(size, name)[2]
+               for size in _SIZES.value for name in names]
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if _REPS.value < 1 or _STEPS.value < 1:
+    print('error: --reps and --steps must be >= 1', file=sys.stderr)
+    sys.exit(2)
+  # Before anything starts JAX's backends: as many CPU devices as the most
+  # any variant takes (a BatchNorm network: one per core, as main.py gives
+  # it); each variant runs on its own first ones.
+  distributed.start_cpu_devices(configs)
+  platform = jax.devices()[0].platform
+  results = {'platform': platform, 'device': str(jax.devices()[0].device_kind),
+             'num_devices': jax.device_count(), 'dtype': _DTYPE.value,
+             'steps': _STEPS.value, 'reps': _REPS.value,
+             'cores': distributed.available_cores(), 'sizes': {}}
+  print(f'# BYOL train step, {jax.device_count()} x {results["device"]} '
+        f'({platform}), {_DTYPE.value}: images/s as the median (min-max) '
+        f'over {_REPS.value} interleaved repetitions of the median of '
+        f'{_STEPS.value} steps')
+  header = ('| size | variant | batch | devices | images/s | time/bn | step ms '
+            '| compile s | XLA MB | GFLOP/img |')
+  print(header)
+  print('|' + '---|' * (header.count('|') - 1), flush=True)
+  for size in _SIZES.value:
+    row = _time_size(size, names, printer=lambda l: print(l, flush=True))
     if _INPUT.value and SIZES[size][2]:
       config = make_config(size, 'gn', True)
       row['input_pipeline_images_per_sec'] = time_input(config)
-      print(f'| {size} | input pipeline | {config.training.batch_size} | '
+      print(f'| {size} | input pipeline | {config.training.batch_size} | | '
             f'{row["input_pipeline_images_per_sec"]:.1f} | | | | | |',
             flush=True)
     results['sizes'][size] = row

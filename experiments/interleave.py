@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from byol import experiment
+from byol import host_memory
 from byol import model
 from byol import update as update_lib
 from experiments import benchmark
@@ -59,6 +60,7 @@ def build(name):
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()  # as main.py
   runs = []
   for name in _VARIANTS.value:
     t = time.perf_counter()

@@ -33,6 +33,7 @@ import ml_collections
 
 from byol import devices
 from byol import diagnostics
+from byol import distributed
 from byol import experiment
 from byol import files
 from byol import metrics as metrics_lib
@@ -387,6 +388,9 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
   runs = [(row, seed) for seed in seeds for row in rows]
   configs = {run_name(r, s): row_config(r, dataset=dataset, epochs=epochs,
                                         smoke=smoke, seed=s) for r, s in runs}
+  # Before JAX starts: BatchNorm rows take one CPU device per core, the
+  # others one of them (byol/distributed.py).
+  distributed.start_cpu_devices(list(configs.values()))
   for config in configs.values():
     experiment.validate_config(config)
 

@@ -50,6 +50,7 @@ def test_config_differences_ignore_the_resumable_fields():
   # existed lacks them) are not differences either.
   new['model'] = {'encoder': {'fast_conv': True, 'depth': 18}}
   new['training']['images_per_pass'] = 64
+  new['data']['input_threads'] = 1
   old['model'] = {'encoder': {'depth': 18}}
   assert train_loop.config_differences(old, new) == ['training.base_lr']
   # Data fields added later: absent means their default, set does not.
