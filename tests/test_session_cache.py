@@ -13,6 +13,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +40,7 @@ def test_a_compiled_program_is_written_to_the_sessions_cache():
   assert len(_entries(folder) - before) == 1
 
 
+@pytest.mark.slow  # Two Python processes that import JAX.
 def test_a_subprocess_loads_the_program_instead_of_compiling_it():
   # The same program in a fresh process with the session's environment: JAX
   # logs a cache hit (and writes no new entry).
