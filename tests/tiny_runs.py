@@ -52,12 +52,6 @@ TINY = [
 TIMEOUT = 300  # seconds, per run
 
 
-def session_dir(tmp_path_factory, name):
-  path = tmp_path_factory.getbasetemp() / name
-  path.mkdir(exist_ok=True)
-  return path
-
-
 def env(tmp_path_factory, num_devices=4, cache_writes=True):
   """The environment of a run on `num_devices` forced CPU devices.
 
