@@ -6,6 +6,8 @@ worker too (each imports this file first).
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -19,6 +21,30 @@ for _flag in ('--xla_backend_optimization_level=0',
   if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
                                _flag).strip()
+
+# One persistent XLA compilation cache for the whole pytest session, shared
+# by both xdist workers and every main.py / study subprocess: they compile the
+# same tiny-ResNet programs again and again (every resumed run, every
+# process of a two-process run, every test that builds its own jitted step).
+# The controller (or the only process, without xdist) makes a fresh folder
+# before the workers start, so they inherit it with the environment, and
+# removes it at the end: no entry outlives the code that compiled it. JAX
+# reads these variables when it is imported (below, through chex) and
+# subprocesses inherit them. Every program is cached, however short its
+# compilation (the default skips those under a second: most of ours). A
+# maximum size makes JAX take a file lock around each read and write of the
+# folder (it writes entries in place, not by an atomic rename), so that no
+# process reads an entry that another is still writing; the size itself is
+# never reached.
+_CACHE_OWNER = 'BYOL_TEST_XLA_CACHE_OWNER'
+if 'PYTEST_XDIST_WORKER' not in os.environ or not os.environ.get(
+    'JAX_COMPILATION_CACHE_DIR'):
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='byol-test-xla-cache-')
+  os.environ[_CACHE_OWNER] = str(os.getpid())
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(64 << 30)
 
 import chex  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -48,3 +74,10 @@ def pytest_collection_modifyitems(config, items):
                     for m in item.iter_markers('xdist_group')})
     if names and '@' not in item.nodeid.rsplit(']', 1)[-1]:
       item._id = NodeId.parse(f'{item.nodeid}@{"_".join(names)}')  # pylint: disable=protected-access
+
+
+def pytest_unconfigure(config):
+  """Removes the session's compilation cache, in the process that made it."""
+  del config  # unused
+  if os.environ.get(_CACHE_OWNER) == str(os.getpid()):
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)

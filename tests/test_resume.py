@@ -48,7 +48,8 @@ def test_killed_then_preempted_run_ends_like_an_uninterrupted_one(
   log = tmp_path / 'run.log'
 
   # 1. SIGKILL as soon as the step-2 checkpoint is in place.
-  proc = tiny_runs.start(tmp_path_factory, TINY, workdir, log)
+  proc = tiny_runs.start(tmp_path_factory, TINY, workdir, log,
+                         cache_writes=False)
   tiny_runs.wait_for(
       lambda: (workdir / 'checkpoints' / 'ckpt_2.npz').exists(), proc)
   proc.send_signal(signal.SIGKILL)
@@ -89,7 +90,9 @@ def _ctrl_c(tmp_path_factory, tmp_path, times):
   its workdir and its output, after asserting exit status 130."""
   workdir = tmp_path / 'run'
   log = tmp_path / 'run.log'
-  proc = tiny_runs.start(tmp_path_factory, TINY, workdir, log)
+  # A second Ctrl-C stops the run wherever it is, as a kill would.
+  proc = tiny_runs.start(tmp_path_factory, TINY, workdir, log,
+                         cache_writes=times == 1)
   tiny_runs.wait_for(
       lambda: re.search(r'\[train\] step [1-4]/6', log.read_text()), proc)
   for _ in range(times):

@@ -3,8 +3,8 @@
 A tiny run is a few steps of a narrow small-stem ResNet-18 on 16 px
 Fashion-MNIST crops, on forced CPU devices. Most of its cost is importing
 JAX/TensorFlow and compiling the update step; runs with the same config and
-device count share compiled programs through JAX's persistent compilation
-cache, kept for the whole pytest session under its base temporary directory.
+device count share compiled programs through the session's persistent
+compilation cache (tests/conftest.py; both xdist workers use the same one).
 The uninterrupted reference run is likewise made once per session
 (`reference_run`) and only read by the tests that compare with it.
 """
@@ -61,31 +61,35 @@ TINY = [
 TIMEOUT = 300  # seconds, per run
 
 
-def session_dir(tmp_path_factory, name):
-  path = tmp_path_factory.getbasetemp() / name
-  path.mkdir(exist_ok=True)
-  return path
+def env(tmp_path_factory, num_devices=4, cache_writes=True):
+  """The environment of a run on `num_devices` forced CPU devices.
 
-
-def env(tmp_path_factory, num_devices=4):
-  """The environment of a run on `num_devices` forced CPU devices."""
+  The run reads and writes the session's compilation cache (its folder is
+  in os.environ); with `cache_writes=False` it only reads it: for a run
+  that a test SIGKILLs, which could otherwise leave a half-written entry
+  behind (JAX writes an entry in place) for every later run to trip over.
+  """
+  del tmp_path_factory  # The cache is the session's, not the worker's.
   flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
            if not f.startswith('--xla_force_host_platform_device_count')]
   flags.append(f'--xla_force_host_platform_device_count={num_devices}')
-  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-              XLA_FLAGS=' '.join(flags), PYTHONUNBUFFERED='1',
-              JAX_COMPILATION_CACHE_DIR=str(
-                  session_dir(tmp_path_factory, 'jax_cache')))
+  out = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+             XLA_FLAGS=' '.join(flags), PYTHONUNBUFFERED='1')
+  if not cache_writes:
+    # Only programs that take longer than this to compile are written.
+    out['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '1e9'
+  return out
 
 
 def start(tmp_path_factory, args, workdir, log_path, *, num_devices=4,
-          script='main.py'):
+          script='main.py', cache_writes=True):
   """Starts `script` (main.py or a test wrapper) with `args`; stdout+stderr
-  go to `log_path`."""
+  go to `log_path`. `cache_writes=False` for a run the test will SIGKILL
+  (see `env`)."""
   with open(log_path, 'ab') as log:
     return subprocess.Popen(
         [sys.executable, script, f'--workdir={workdir}', *args], cwd=ROOT,
-        env=env(tmp_path_factory, num_devices), stdout=log,
+        env=env(tmp_path_factory, num_devices, cache_writes), stdout=log,
         stderr=subprocess.STDOUT)
 
 

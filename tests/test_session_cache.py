@@ -1,0 +1,63 @@
+"""The session's persistent compilation cache (tests/conftest.py) is in use.
+
+If JAX stopped reading the variables conftest exports (a renamed option in a
+later JAX), every worker and subprocess would silently compile from scratch
+again and the suite would slow down by minutes without failing anything.
+"""
+
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _entries(folder):
+  return {n for n in os.listdir(folder) if n.endswith('-cache')}
+
+
+def test_a_compiled_program_is_written_to_the_sessions_cache():
+  folder = os.environ['JAX_COMPILATION_CACHE_DIR']
+  assert jax.config.jax_compilation_cache_dir == folder
+  if 'PYTEST_XDIST_WORKER' in os.environ:
+    # A worker uses the folder its controller made, not one of its own.
+    assert os.environ['BYOL_TEST_XLA_CACHE_OWNER'] != str(os.getpid())
+  before = _entries(folder)
+
+  # A program no other test compiles (its shape), so it is new here.
+  @jax.jit
+  def scaled_sum(x):
+    return jnp.sum(x * 3.0, axis=0)
+
+  x = np.arange(13 * 7, dtype=np.float32).reshape(13, 7)
+  chex.assert_trees_all_close(scaled_sum(x), 3.0 * x.sum(0), rtol=1e-6)
+  assert len(_entries(folder) - before) == 1
+
+
+@pytest.mark.slow  # Two Python processes that import JAX.
+def test_a_subprocess_loads_the_program_instead_of_compiling_it():
+  # The same program in a fresh process with the session's environment: JAX
+  # logs a cache hit (and writes no new entry).
+  folder = os.environ['JAX_COMPILATION_CACHE_DIR']
+  program = (
+      'import logging, sys\n'
+      'import jax, jax.numpy as jnp, numpy as np\n'
+      'logging.basicConfig(stream=sys.stdout)\n'
+      'logging.getLogger("jax._src.compiler").setLevel(logging.DEBUG)\n'
+      'f = jax.jit(lambda x: jnp.cos(x) * 5.0)\n'
+      'print(float(f(np.ones((11, 3), np.float32)).sum()))\n')
+  run = lambda: subprocess.run([sys.executable, '-c', program], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120,
+                               check=True).stdout
+  first = run()
+  entries = _entries(folder)
+  second = run()
+  assert 'Persistent compilation cache hit' in second, second[-2000:]
+  assert first.splitlines()[-1] == second.splitlines()[-1]
+  assert _entries(folder) == entries
