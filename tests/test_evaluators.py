@@ -78,6 +78,7 @@ class _Experiment:
     self.config, self.workdir = config, workdir
     self.is_chief = True
     self.network = None
+    self.local_devices = 1  # the train loop's log line names the devices
     self.total_steps = config.training.max_steps
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, 'checkpoints'))

@@ -18,8 +18,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _entries(folder):
-  return {n for n in os.listdir(folder) if n.endswith('-cache')}
+def _entries(folder, name=''):
+  """The cache entries of jitted functions called `name` (all: '').
+
+  Other xdist workers and subprocesses write to the same folder meanwhile, so
+  a test counts only the entries of its own, uniquely named, program.
+  """
+  return {n for n in os.listdir(folder)
+          if n.endswith('-cache') and n.startswith(f'jit_{name}')}
 
 
 def test_a_compiled_program_is_written_to_the_sessions_cache():
@@ -28,16 +34,18 @@ def test_a_compiled_program_is_written_to_the_sessions_cache():
   if 'PYTEST_XDIST_WORKER' in os.environ:
     # A worker uses the folder its controller made, not one of its own.
     assert os.environ['BYOL_TEST_XLA_CACHE_OWNER'] != str(os.getpid())
-  before = _entries(folder)
+  before = _entries(folder, 'scaled_sum_of_session_cache_test')
 
   # A program no other test compiles (its shape), so it is new here.
   @jax.jit
-  def scaled_sum(x):
+  def scaled_sum_of_session_cache_test(x):
     return jnp.sum(x * 3.0, axis=0)
 
   x = np.arange(13 * 7, dtype=np.float32).reshape(13, 7)
-  chex.assert_trees_all_close(scaled_sum(x), 3.0 * x.sum(0), rtol=1e-6)
-  assert len(_entries(folder) - before) == 1
+  chex.assert_trees_all_close(scaled_sum_of_session_cache_test(x),
+                              3.0 * x.sum(0), rtol=1e-6)
+  assert len(_entries(folder, 'scaled_sum_of_session_cache_test') -
+             before) == 1
 
 
 @pytest.mark.slow  # Two Python processes that import JAX.
@@ -50,14 +58,17 @@ def test_a_subprocess_loads_the_program_instead_of_compiling_it():
       'import jax, jax.numpy as jnp, numpy as np\n'
       'logging.basicConfig(stream=sys.stdout)\n'
       'logging.getLogger("jax._src.compiler").setLevel(logging.DEBUG)\n'
-      'f = jax.jit(lambda x: jnp.cos(x) * 5.0)\n'
+      'def cos5_of_session_cache_test(x):\n'
+      '  return jnp.cos(x) * 5.0\n'
+      'f = jax.jit(cos5_of_session_cache_test)\n'
       'print(float(f(np.ones((11, 3), np.float32)).sum()))\n')
   run = lambda: subprocess.run([sys.executable, '-c', program], cwd=ROOT,
                                capture_output=True, text=True, timeout=120,
                                check=True).stdout
   first = run()
-  entries = _entries(folder)
+  entries = _entries(folder, 'cos5_of_session_cache_test')
+  assert len(entries) == 1, entries
   second = run()
   assert 'Persistent compilation cache hit' in second, second[-2000:]
   assert first.splitlines()[-1] == second.splitlines()[-1]
-  assert _entries(folder) == entries
+  assert _entries(folder, 'cos5_of_session_cache_test') == entries

@@ -89,6 +89,7 @@ class _CountingExperiment:
     self.config, self.workdir, self.stop_at = config, workdir, stop_at
     self.is_chief = True
     self.network = None  # no evaluator is scheduled to read it
+    self.local_devices = 1  # the train loop's log line names the devices
     self.total_steps = config.training.max_steps
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, 'checkpoints'))
