@@ -81,20 +81,16 @@ from byol import layers
 from byol import model
 from byol import update as update_lib
 from configs import byol as byol_config
+from experiments import study
 
 SIZES = {
     # name: (config variants, overrides, whether to time the input pipeline)
     'local': ('local', {}, True),
     # For tests of the benchmark itself: seconds to compile and run.
+    # The studies' smoke network (experiments/study.py).
     'tiny': ('local', {
-        'model.encoder.width_multiplier': 0.125,
-        'model.encoder.num_groups': 4,
-        'model.projector.hidden_size': 32,
-        'model.projector.output_size': 16,
-        'model.projector.num_groups': 4,
-        'model.predictor.hidden_size': 32,
-        'model.predictor.output_size': 16,
-        'model.predictor.num_groups': 4,
+        **{k: v for k, v in study.SMOKE_OVERRIDES.items()
+           if k.startswith('model.') and k != 'model.bn_init_batch_size'},
         'data.image_size': 16,
         'training.batch_size': 16,
     }, False),
