@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import pytest
 
@@ -69,7 +70,7 @@ def test_the_rule_gives_way_to_a_count_jax_runs_with():
   assert distributed.start_cpu_devices([config('local,bn')]) == (
       distributed.cpu_device_count(config('local,bn')))
   assert jax.local_device_count() == 4
-  assert len(distributed.local_training_devices(config('local'))) == 4
+  chex.assert_equal(len(distributed.local_training_devices(config('local'))), 4)
   # ...while an explicit count that cannot take effect is an error.
   with pytest.raises(ConfigError, match='before JAX starts'):
     distributed.start_cpu_devices([config('local,bn',
@@ -77,7 +78,7 @@ def test_the_rule_gives_way_to_a_count_jax_runs_with():
 
 
 _MIXED = textwrap.dedent('''
-    import jax, numpy as np
+    import chex, jax, numpy as np
     from byol import distributed, experiment
     from configs import byol as byol_config
     distributed.available_cores = lambda: 2  # any machine: as on 2 cores
@@ -110,6 +111,8 @@ _MIXED = textwrap.dedent('''
                'labels': np.zeros((n, 1, b), np.int32)}
       logs = exp.step(jax.tree.map(lambda a: jax.device_put(a, exp.sharding),
                                    batch), 0)
+      chex.assert_tree_all_finite(logs)  # every device's step, not only the first
+      chex.assert_axis_dimension(logs['loss'], 0, n)
       print(name, n, b, float(logs['loss'][0]))
 ''')
 
