@@ -204,29 +204,21 @@ def test_classifier_gradient_does_not_reach_the_encoder():
 def test_accumulation_equals_the_large_batch_under_gn_ws():
   """k micro-batches of B/k with averaged gradients == one batch of B."""
   # Augmentation randomness is drawn per micro-batch; with every
-  # probability at zero both runs see the same views.
-  big = fixed_batch(1, accum=1)
-  config = tiny_config('local')
-  config.unlock()
-  for view in ('view1', 'view2'):
-    for field in ('flip_prob', 'color_jitter_prob', 'grayscale_prob',
-                  'blur_prob', 'solarize_prob'):
-      config.data.augmentations[view][field] = 0.0
-  config.lock()
-  results = []
-  for accum in (1, 4):
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.training.accumulation_steps = accum
-    c.lock()
-    init, update = jitted(c)
-    state = init(jax.random.PRNGKey(0),
-                 np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
-    batch = jax.tree.map(
-        lambda x: x.reshape((accum, x.shape[2] // accum) + x.shape[3:]), big)
-    for _ in range(2):
-      state, logs = update(state, batch, jax.random.PRNGKey(3))
-    results.append((state, logs))
+  # probability at zero both runs see the same views. One batch of B: the
+  # shared one-pass steps (the same config, batch, keys and step count).
+  accum = 4
+  results = [_two_one_pass_steps()]
+  c = _without_augmentations(**{'training.images_per_pass': 0,
+                                'training.accumulation_steps': accum})
+  init, update = jitted(c)
+  state = init(jax.random.PRNGKey(0),
+               np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
+  batch = jax.tree.map(
+      lambda x: x.reshape((accum, x.shape[2] // accum) + x.shape[3:]),
+      fixed_batch(1, accum=1))
+  for _ in range(2):
+    state, logs = update(state, batch, jax.random.PRNGKey(3))
+  results.append((state, logs))
   (s1, l1), (s4, l4) = results
   np.testing.assert_allclose(float(l1['loss']), float(l4['loss']), rtol=1e-4)
   for a, b in zip(jax.tree.leaves(s1.online_params),
@@ -235,18 +227,16 @@ def test_accumulation_equals_the_large_batch_under_gn_ws():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('images_per_pass', [8, 12])
+@pytest.mark.parametrize('images_per_pass', [16, 12])
 def test_passes_of_fewer_images_give_the_one_pass_step(images_per_pass):
   """training.images_per_pass: the same step as one pass of both views (the
-  old path, images_per_pass=0), up to float rounding; 12 leaves a short
-  last pass (32 images: 12 + 12 + 8)."""
-  config = tiny_config('local')
+  old path, images_per_pass=0), up to float rounding, for passes that divide
+  the 32 images (16 + 16) and for more passes with a short last one
+  (12 + 12 + 8). The augmentations are off (as for the shared one-pass
+  steps): they are drawn before the views are split into passes."""
   batch = jax.tree.map(lambda x: x[0], fixed_batch(1))
   results = [_two_one_pass_steps()]  # shared by both parameters
-  c = config.copy_and_resolve_references()
-  c.unlock()
-  c.training.images_per_pass = images_per_pass
-  c.lock()
+  c = _without_augmentations(**{'training.images_per_pass': images_per_pass})
   init, update = jitted(c)
   state = init(jax.random.PRNGKey(0),
                np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
@@ -489,12 +479,27 @@ def test_a_batch_of_the_wrong_layout_fails_while_tracing(name):
     jax.jit(fn).trace(state, batch, jax.random.PRNGKey(0))
 
 
+def _without_augmentations(**overrides):
+  """tiny_config('local', **overrides) with every augmentation's probability
+  at zero: the views are the batch's, whatever the random draws."""
+  config = tiny_config('local', **overrides)
+  config.unlock()
+  for view in ('view1', 'view2'):
+    for field in ('flip_prob', 'color_jitter_prob', 'grayscale_prob',
+                  'blur_prob', 'solarize_prob'):
+      config.data.augmentations[view][field] = 0.0
+  config.lock()
+  return config
+
+
 @functools.lru_cache(maxsize=None)
 def _two_one_pass_steps():
   """(state, logs) after two steps of key 3 on `fixed_batch(1)` with
-  images_per_pass=0 (one pass of both views); shared by the parameters of
-  test_passes_of_fewer_images_give_the_one_pass_step."""
-  c = tiny_config('local', **{'training.images_per_pass': 0})
+  images_per_pass=0 (one pass of both views) and no augmentations; shared
+  by the parameters of test_passes_of_fewer_images_give_the_one_pass_step
+  and by test_accumulation_equals_the_large_batch_under_gn_ws (its batch of
+  B in one micro-batch)."""
+  c = _without_augmentations(**{'training.images_per_pass': 0})
   init, update = jitted(c)
   state = init(jax.random.PRNGKey(0),
                np.zeros((BATCH, IMAGE, IMAGE, 3), np.float32))
