@@ -61,6 +61,27 @@ chex.set_n_cpu_devices(NUM_DEVICES)
 jax.config.update('jax_enable_compilation_cache', False)
 
 
+@pytest.fixture
+def persistent_compilation_cache():
+  """The session's persistent compilation cache, on for one in-process test.
+
+  For a test that runs the same programs again after `jax.clear_caches()`:
+  the studies clear JAX's in-memory caches after every row, so without the
+  persistent cache the second seed of a row, in the same process, compiles
+  all of the row's programs again. Off again afterwards (see above).
+  """
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  # JAX decides once whether a process uses the cache; resetting makes it
+  # decide again at the next compilation.
+  jax.config.update('jax_enable_compilation_cache', True)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', False)
+    compilation_cache.reset_cache()
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
   """Makes `xdist_group` marks group again under pytest 9.

@@ -45,6 +45,7 @@ def _numeric_cells(table, row):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures('persistent_compilation_cache')  # seed 1 reuses 0's
 def test_smoke_run_writes_the_table_and_skips_finished_rows(tmp_path):
   rows = 'byol_bn_enc,simclr_bn_none'
   argv = ['--smoke', f'--rows={rows}', f'--workdir_root={tmp_path}',
