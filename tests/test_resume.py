@@ -47,7 +47,9 @@ def test_killed_then_preempted_run_ends_like_an_uninterrupted_one(
   workdir = tmp_path / 'run'
   log = tmp_path / 'run.log'
 
-  # 1. SIGKILL as soon as the step-2 checkpoint is in place.
+  # 1. SIGKILL as soon as the step-2 checkpoint is in place. (This run only
+  # reads the compilation cache: the reference run fills it first.)
+  tiny_runs.wait_reference_compiled(tmp_path_factory)
   proc = tiny_runs.start(tmp_path_factory, TINY, workdir, log,
                          cache_writes=False)
   tiny_runs.wait_for(
