@@ -111,3 +111,49 @@ def weight_grad(x, dy, kernel, stride, pads, threads=1, blocked=False):
                              x.dtype)
   return jax.ffi.ffi_call('byol_onednn_conv_weight_grad', out)(
       x, dy, **_attrs(stride, pads, threads, blocked))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d(x, w, stride, pads):
+  return forward(x, w, stride, pads)
+
+
+def _conv2d_fwd(x, w, stride, pads):
+  return forward(x, w, stride, pads), (x, w)
+
+
+def _conv2d_bwd(stride, pads, residuals, dy):
+  x, w = residuals
+  return (input_grad(dy, w, x.shape, stride, pads),
+          weight_grad(x, dy, w.shape[:2], stride, pads))
+
+
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv2d(x: jax.Array, w: jax.Array, stride: Union[int, Sequence[int]] = 1,
+           padding: Padding = 'SAME') -> jax.Array:
+  """NHWC x HWIO convolution in oneDNN, forward and backward (f32, XLA:CPU).
+
+  The same function as `jax.lax.conv_general_dilated(x, w, stride, padding,
+  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`, to float32 rounding; its
+  gradients are oneDNN's input- and weight-gradient convolutions.
+
+  Args:
+    x: [N, H, W, C], float32.
+    w: [kh, kw, C, O], float32.
+    stride: an int or (sh, sw).
+    padding: 'SAME', 'VALID', or ((lo, hi), (lo, hi)).
+
+  Returns:
+    [N, Ho, Wo, O].
+
+  Raises:
+    RuntimeError: when the library is not built (see `available`).
+  """
+  _check()
+  if isinstance(stride, int):
+    stride = (stride, stride)
+  stride = tuple(int(s) for s in stride)
+  pads = explicit_padding(x.shape[1:3], w.shape[:2], stride, padding)
+  return _conv2d(x, w, stride, pads)

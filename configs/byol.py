@@ -116,7 +116,11 @@ def get_config(arg=None):
       'gn', True, depth=50, width_multiplier=1.0, stem='imagenet',
       blocks_per_group=(), zero_init_last_scale=False,
       # byol/fast_conv.py: same numbers, a backward pass XLA:CPU runs faster.
-      fast_conv=False))
+      fast_conv=False,
+      # How convolutions are computed: 'lax', 'fast_conv' or 'onednn'
+      # (oneDNN's kernels, XLA:CPU and float32 only; byol/onednn_conv.py);
+      # '' follows fast_conv. The same function, other float rounding.
+      conv_impl=''))
   c.model.projector = ml_collections.ConfigDict(_component(
       'gn', True, hidden_size=4096, output_size=256))
   c.model.predictor = ml_collections.ConfigDict(_component(
