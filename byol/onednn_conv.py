@@ -16,9 +16,9 @@ from typing import Optional, Sequence, Tuple, Union
 import jax
 import numpy as np
 
+from byol.ops import build_onednn
+
 Padding = Union[str, Sequence[Sequence[int]]]
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY = os.path.join(_ROOT, 'build', 'onednn', 'libbyol_onednn_conv.so')
 _TARGETS = {'forward': 'ByolOnednnConvForward',
             'input_grad': 'ByolOnednnConvInputGrad',
             'weight_grad': 'ByolOnednnConvWeightGrad'}
@@ -27,9 +27,17 @@ _TARGETS = {'forward': 'ByolOnednnConvForward',
 @functools.lru_cache(maxsize=None)
 def _load() -> Optional[str]:
   """Registers the handlers once; None on success, else why not."""
-  path = os.environ.get('BYOL_ONEDNN_LIBRARY', LIBRARY)
+  path = build_onednn.LIBRARY
   if not os.path.exists(path):
-    return f'{path} is not built (run ./run.sh, or python -m byol.ops.build_onednn)'
+    return (f'{path} is not built (./run.sh builds it, or python -m '
+            'byol.ops.build_onednn)')
+  try:
+    stale = build_onednn.built_stamp() != build_onednn.current_stamp()
+  except build_onednn.BuildError as e:
+    return str(e)
+  if stale:
+    return (f'{path} was built from another source, jaxlib or oneDNN '
+            '(rebuild: python -m byol.ops.build_onednn)')
   try:
     lib = ctypes.cdll.LoadLibrary(path)
   except OSError as e:
@@ -70,12 +78,12 @@ def explicit_padding(size: Tuple[int, int], kernel: Tuple[int, int],
   return tuple(pads)
 
 
-def _attrs(stride, pads, threads, blocked=False):
+def _attrs(stride, pads, threads):
   (pt, pb), (pl, pr) = pads
   return dict(stride_h=np.int64(stride[0]), stride_w=np.int64(stride[1]),
               pad_top=np.int64(pt), pad_bottom=np.int64(pb),
               pad_left=np.int64(pl), pad_right=np.int64(pr),
-              threads=np.int64(threads), layout=np.int64(int(blocked)))
+              threads=np.int64(threads))
 
 
 def _check():
@@ -104,13 +112,13 @@ def input_grad(dy, w, x_shape, stride, pads, threads=1):
       dy, w, **_attrs(stride, pads, threads))
 
 
-def weight_grad(x, dy, kernel, stride, pads, threads=1, blocked=False):
+def weight_grad(x, dy, kernel, stride, pads, threads=1):
   """dw[kh, kw, C, O] from x[N, H, W, C] and dy[N, Ho, Wo, O]."""
   _check()
   out = jax.ShapeDtypeStruct(tuple(kernel) + (x.shape[-1], dy.shape[-1]),
                              x.dtype)
   return jax.ffi.ffi_call('byol_onednn_conv_weight_grad', out)(
-      x, dy, **_attrs(stride, pads, threads, blocked))
+      x, dy, **_attrs(stride, pads, threads))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -67,8 +67,7 @@ def make(kind, impl, x, w, dy, stride):
   """(jitted function, its arguments) of one convolution."""
   s = (stride, stride)
   pads = onednn_conv.explicit_padding(x.shape[1:3], w.shape[:2], s, 'SAME')
-  threads = {'onednn1': 1, 'onednn2': 2, 'onednn1b': 1}.get(impl)
-  blocked = impl.endswith('b')
+  threads = {'onednn1': 1, 'onednn2': 2}.get(impl)
   if kind == 'forward':
     if impl in ('lax', 'fast_conv'):
       fn = lambda x, w: _lax(x, w, stride)
@@ -91,7 +90,7 @@ def make(kind, impl, x, w, dy, stride):
       return fast_conv.chunked_weight_gradient(x, dy, w.shape[:2], s, 'SAME')
   else:
     fn = lambda x, dy: onednn_conv.weight_grad(x, dy, w.shape[:2], s, pads,
-                                               threads, blocked)
+                                               threads)
   return jax.jit(fn), (x, dy)
 
 

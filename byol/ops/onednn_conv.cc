@@ -36,9 +36,8 @@ using F32Out = ffi::ResultBuffer<ffi::F32, 4>;
 enum class Kind : int64_t { kForward = 0, kInputGrad = 1, kWeightGrad = 2 };
 
 // One convolution problem: N, H, W, C (input), O, KH, KW, Ho, Wo, strides,
-// paddings (top, left, bottom, right), kind, activation layout (0: NHWC,
-// 1: the primitive's choice, reordered to).
-using Key = std::array<int64_t, 17>;
+// paddings (top, left, bottom, right), kind.
+using Key = std::array<int64_t, 16>;
 
 struct Plan {
   dnnl::primitive conv;
@@ -49,11 +48,6 @@ struct Plan {
   bool reorder_kernel = false;
   dnnl::reorder kernel_reorder;  // HWIO -> blocked, or blocked -> HWIO
   memory::desc scratch_desc;
-  // Weight gradient only: the activations' layout the primitive asked for,
-  // when it is not NHWC (blocked channels), with reorders into it.
-  bool reorder_acts = false;
-  memory::desc src_desc, diff_dst_desc;
-  dnnl::reorder src_reorder, diff_dst_reorder;
 };
 
 const dnnl::engine& Engine() {
@@ -101,21 +95,10 @@ std::unique_ptr<Plan> MakePlan(const Key& k) {
     plan->kernel_desc = bwd.weights_desc();
     plan->scratch_desc = bwd.scratchpad_desc();
   } else {
-    const bool blocked = k[16] != 0;
-    const memory::desc any_src({n, c, h, w}, f32, Tag::any);
-    const memory::desc any_dst({n, o, ho, wo}, f32, Tag::any);
+    // NHWC activations as they are: oneDNN's choice of layout (16-channel
+    // blocks) plus reorders was no faster at the `local` net's sizes.
     dnnl::convolution_backward_weights::primitive_desc bwd(
-        eng, algo, blocked ? any_src : src, any_kernel,
-        blocked ? any_dst : dst, strides, pad_l, pad_r, fwd, attr);
-    plan->src_desc = bwd.src_desc();
-    plan->diff_dst_desc = bwd.diff_dst_desc();
-    plan->reorder_acts = plan->src_desc != src || plan->diff_dst_desc != dst;
-    if (plan->reorder_acts) {
-      plan->src_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(eng, src, eng, plan->src_desc));
-      plan->diff_dst_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(eng, dst, eng, plan->diff_dst_desc));
-    }
+        eng, algo, src, any_kernel, dst, strides, pad_l, pad_r, fwd, attr);
     plan->conv = dnnl::convolution_backward_weights(bwd);
     plan->kernel_desc = bwd.diff_weights_desc();
     plan->scratch_desc = bwd.scratchpad_desc();
@@ -145,7 +128,7 @@ const Plan& GetPlan(const Key& key) {
 
 // A growing per-thread buffer: the scratchpad, and the blocked kernel.
 void* ThreadBuffer(int slot, size_t bytes) {
-  thread_local std::array<std::vector<char>, 4> buffers;
+  thread_local std::array<std::vector<char>, 2> buffers;
   auto& b = buffers[slot];
   if (b.size() < bytes) b.resize(bytes);
   return b.data();
@@ -159,7 +142,7 @@ dnnl::stream& ThreadStream() {
 ffi::Error Run(Kind kind, const F32& x_or_dy, const F32& w_or_dy,
                F32Out& out, int64_t stride_h, int64_t stride_w,
                int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
-               int64_t pad_right, int64_t threads, int64_t layout) {
+               int64_t pad_right, int64_t threads) {
   // x: [N, H, W, C]; dy: [N, Ho, Wo, O]; w: [KH, KW, C, O].
   ffi::Span<const int64_t> x, w, y;
   switch (kind) {
@@ -184,7 +167,7 @@ ffi::Error Run(Kind kind, const F32& x_or_dy, const F32& w_or_dy,
   }
   const Key key = {x[0], x[1], x[2], x[3], w[3], w[0], w[1], y[1], y[2],
                    stride_h, stride_w, pad_top, pad_left, pad_bottom,
-                   pad_right, static_cast<int64_t>(kind), layout};
+                   pad_right, static_cast<int64_t>(kind)};
   try {
     UseThreads(threads);
     const Plan& plan = GetPlan(key);
@@ -232,16 +215,6 @@ ffi::Error Run(Kind kind, const F32& x_or_dy, const F32& w_or_dy,
       case Kind::kWeightGrad: {
         memory src(src_d, eng, x_or_dy.untyped_data());
         memory diff_dst(dst_d, eng, w_or_dy.untyped_data());
-        if (plan.reorder_acts) {
-          memory bsrc(plan.src_desc, eng,
-                      ThreadBuffer(2, plan.src_desc.get_size()));
-          memory bdst(plan.diff_dst_desc, eng,
-                      ThreadBuffer(3, plan.diff_dst_desc.get_size()));
-          plan.src_reorder.execute(stream, src, bsrc);
-          plan.diff_dst_reorder.execute(stream, diff_dst, bdst);
-          src = bsrc;
-          diff_dst = bdst;
-        }
         plan.conv.execute(stream, {{DNNL_ARG_SRC, src},
                                    {DNNL_ARG_DIFF_DST, diff_dst},
                                    {DNNL_ARG_DIFF_WEIGHTS, kernel},
@@ -260,22 +233,20 @@ ffi::Error Run(Kind kind, const F32& x_or_dy, const F32& w_or_dy,
 }
 
 ffi::Error Forward(F32 x, F32 w, F32Out y, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr, int64_t threads,
-                   int64_t layout) {
-  return Run(Kind::kForward, x, w, y, sh, sw, pt, pb, pl, pr, threads, 0);
+                   int64_t pb, int64_t pl, int64_t pr, int64_t threads) {
+  return Run(Kind::kForward, x, w, y, sh, sw, pt, pb, pl, pr, threads);
 }
 
 ffi::Error InputGrad(F32 dy, F32 w, F32Out dx, int64_t sh, int64_t sw,
                      int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                     int64_t threads, int64_t layout) {
-  return Run(Kind::kInputGrad, dy, w, dx, sh, sw, pt, pb, pl, pr, threads, 0);
+                     int64_t threads) {
+  return Run(Kind::kInputGrad, dy, w, dx, sh, sw, pt, pb, pl, pr, threads);
 }
 
 ffi::Error WeightGrad(F32 x, F32 dy, F32Out dw, int64_t sh, int64_t sw,
                       int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                      int64_t threads, int64_t layout) {
-  return Run(Kind::kWeightGrad, x, dy, dw, sh, sw, pt, pb, pl, pr, threads,
-             layout);
+                      int64_t threads) {
+  return Run(Kind::kWeightGrad, x, dy, dw, sh, sw, pt, pb, pl, pr, threads);
 }
 
 }  // namespace
@@ -291,8 +262,7 @@ ffi::Error WeightGrad(F32 x, F32 dy, F32Out dw, int64_t sh, int64_t sw,
       .Attr<int64_t>("pad_bottom")                \
       .Attr<int64_t>("pad_left")                  \
       .Attr<int64_t>("pad_right")                 \
-      .Attr<int64_t>("threads")                   \
-      .Attr<int64_t>("layout")
+      .Attr<int64_t>("threads")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ByolOnednnConvForward, Forward,
                               BYOL_CONV_BINDING);
