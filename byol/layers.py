@@ -52,8 +52,8 @@ COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 # How a convolution is computed (the same function, other rounding): XLA's
 # own (`lax`), XLA's with a backward pass arranged for XLA:CPU (`fast_conv`,
-# byol/fast_conv.py), or oneDNN's kernels as custom calls (`onednn`, f32 on
-# XLA:CPU only, byol/onednn_conv.py).
+# byol/fast_conv.py), or oneDNN's kernels as custom calls (`onednn`,
+# byol/onednn_conv.py; float32 on XLA:CPU, XLA's own elsewhere).
 CONV_IMPLS = ('lax', 'fast_conv', 'onednn')
 
 
@@ -66,22 +66,23 @@ def conv_impl(impl: str, fast: bool = False, dtype: Any = jnp.float32) -> str:
     dtype: the compute dtype.
 
   Returns:
-    One of `CONV_IMPLS`.
+    One of `CONV_IMPLS`. `onednn` becomes `lax` on an accelerator and for a
+    bfloat16 network: the custom calls are float32 kernels for XLA:CPU (and
+    XLA's own convolutions are fast on accelerators), so that a preset with
+    `onednn` runs everywhere.
 
   Raises:
-    ValueError: for an unknown name, or `onednn` where it cannot run (its
-      library not built, another backend than the CPU, not float32).
+    ValueError: for an unknown name, or `onednn` on the CPU in float32 where
+      its library is not built (or was built for another jaxlib).
   """
   impl = impl or ('fast_conv' if fast else 'lax')
   if impl not in CONV_IMPLS:
     raise ValueError(f'unknown conv_impl {impl!r}; choose from '
                      f'{", ".join(CONV_IMPLS)}')
   if impl == 'onednn':
+    if jax.default_backend() != 'cpu' or as_dtype(dtype) != np.float32:
+      return 'lax'
     reason = onednn_conv.unavailable_reason()
-    if reason is None and jax.default_backend() != 'cpu':
-      reason = f'it runs on the CPU only, not {jax.default_backend()}'
-    if reason is None and as_dtype(dtype) != np.float32:
-      reason = f'it computes in float32 only, not {as_dtype(dtype).name}'
     if reason is not None:
       raise ValueError(f"conv_impl 'onednn' cannot be used: {reason}")
   return impl

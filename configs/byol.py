@@ -118,8 +118,9 @@ def get_config(arg=None):
       # byol/fast_conv.py: same numbers, a backward pass XLA:CPU runs faster.
       fast_conv=False,
       # How convolutions are computed: 'lax', 'fast_conv' or 'onednn'
-      # (oneDNN's kernels, XLA:CPU and float32 only; byol/onednn_conv.py);
-      # '' follows fast_conv. The same function, other float rounding.
+      # (oneDNN's kernels, float32 on XLA:CPU, lax elsewhere;
+      # byol/onednn_conv.py); '' follows fast_conv. The same function,
+      # other float rounding.
       conv_impl=''))
   c.model.projector = ml_collections.ConfigDict(_component(
       'gn', True, hidden_size=4096, output_size=256))
