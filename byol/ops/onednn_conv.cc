@@ -36,8 +36,9 @@ using F32Out = ffi::ResultBuffer<ffi::F32, 4>;
 enum class Kind : int64_t { kForward = 0, kInputGrad = 1, kWeightGrad = 2 };
 
 // One convolution problem: N, H, W, C (input), O, KH, KW, Ho, Wo, strides,
-// paddings (top, left, bottom, right), kind.
-using Key = std::array<int64_t, 16>;
+// paddings (top, left, bottom, right), kind, and the OpenMP thread count
+// (oneDNN splits the work for the thread count it is created with).
+using Key = std::array<int64_t, 17>;
 
 struct Plan {
   dnnl::primitive conv;
@@ -165,11 +166,12 @@ ffi::Error Run(Kind kind, const F32& x_or_dy, const F32& w_or_dy,
   if (x[0] != y[0] || x[3] != w[2] || y[3] != w[3]) {
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes");
   }
+  UseThreads(threads);
   const Key key = {x[0], x[1], x[2], x[3], w[3], w[0], w[1], y[1], y[2],
                    stride_h, stride_w, pad_top, pad_left, pad_bottom,
-                   pad_right, static_cast<int64_t>(kind)};
+                   pad_right, static_cast<int64_t>(kind),
+                   static_cast<int64_t>(omp_get_max_threads())};
   try {
-    UseThreads(threads);
     const Plan& plan = GetPlan(key);
     const auto& eng = Engine();
     auto& stream = ThreadStream();
