@@ -5,7 +5,8 @@
 #   ./run.sh ablation [--full]  the paper's ablation table at CPU scale
 #   ./run.sh bench [ARGS]    throughput benchmarks (experiments/benchmark.py)
 # Each verb first creates .venv, installs requirements.txt and, when it is missing and
-# this user may install packages, Debian's dataset-fashion-mnist.
+# this user may install packages, Debian's dataset-fashion-mnist; then builds the oneDNN
+# convolution (byol/ops/, into build/onednn/) when it is out of date.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -57,9 +58,26 @@ setup_dataset() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
 }
 
+setup_native() {
+  # byol/ops/onednn_conv.cc -> build/onednn/ (model.encoder.conv_impl='onednn');
+  # rebuilt when its source, jaxlib or oneDNN changes, else a no-op.
+  if ! command -v "${CXX:-g++}" >/dev/null; then
+    if [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null && sudo -n true 2>/dev/null; }; then
+      local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+      say "installing Debian's g++ (to build the oneDNN convolution)"
+      $sudo apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq g++ >/dev/null
+    fi
+  fi
+  if ! "$VENV/bin/python" -m byol.ops.build_onednn >&2; then
+    say "the oneDNN convolution is not built: conv_impl='onednn' will say why"
+  fi
+}
+
 setup() {
   setup_python "$@"
   setup_dataset
+  setup_native
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 }

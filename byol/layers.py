@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from byol import fast_conv
+from byol import onednn_conv
 
 NORMS = ('bn', 'gn', 'ln', 'affine', 'none')
 
@@ -48,6 +49,43 @@ Initializer = Callable[[Sequence[int], Any], jax.Array]
 
 # Compute dtypes of convolutions and matmuls; parameters are always float32.
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+# How a convolution is computed (the same function, other rounding): XLA's
+# own (`lax`), XLA's with a backward pass arranged for XLA:CPU (`fast_conv`,
+# byol/fast_conv.py), or oneDNN's kernels as custom calls (`onednn`,
+# byol/onednn_conv.py; float32 on XLA:CPU, XLA's own elsewhere).
+CONV_IMPLS = ('lax', 'fast_conv', 'onednn')
+
+
+def conv_impl(impl: str, fast: bool = False, dtype: Any = jnp.float32) -> str:
+  """The convolution implementation a config asks for, checked.
+
+  Args:
+    impl: one of `CONV_IMPLS`, or '' for the older switch `fast`.
+    fast: `model.encoder.fast_conv` ('' and True: `fast_conv`).
+    dtype: the compute dtype.
+
+  Returns:
+    One of `CONV_IMPLS`. `onednn` becomes `lax` on an accelerator and for a
+    bfloat16 network: the custom calls are float32 kernels for XLA:CPU (and
+    XLA's own convolutions are fast on accelerators), so that a preset with
+    `onednn` runs everywhere.
+
+  Raises:
+    ValueError: for an unknown name, or `onednn` on the CPU in float32 where
+      its library is not built (or was built for another jaxlib).
+  """
+  impl = impl or ('fast_conv' if fast else 'lax')
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'unknown conv_impl {impl!r}; choose from '
+                     f'{", ".join(CONV_IMPLS)}')
+  if impl == 'onednn':
+    if jax.default_backend() != 'cpu' or as_dtype(dtype) != np.float32:
+      return 'lax'
+    reason = onednn_conv.unavailable_reason()
+    if reason is not None:
+      raise ValueError(f"conv_impl 'onednn' cannot be used: {reason}")
+  return impl
 
 
 def as_dtype(dtype) -> np.dtype:
@@ -293,7 +331,7 @@ class Conv2D(hk.Conv2D):
                padding: str = 'SAME',
                w_init: Optional[Initializer] = None,
                compute_dtype: Any = None,
-               fast: bool = False,
+               impl: str = 'lax',
                name: Optional[str] = None):
     super().__init__(output_channels=output_channels,
                      kernel_shape=kernel_shape, stride=stride,
@@ -301,8 +339,12 @@ class Conv2D(hk.Conv2D):
                      name=name)
     self.compute_dtype = (None if compute_dtype is None
                           else as_dtype(compute_dtype))
-    # `fast_conv.conv2d`: lax's convolution, backward arranged for XLA:CPU.
-    self.fast = fast
+    # `CONV_IMPLS`: lax's convolution; `fast_conv.conv2d`, its backward
+    # arranged for XLA:CPU; or oneDNN's (`onednn_conv.conv2d`, XLA:CPU, f32).
+    if impl not in CONV_IMPLS:
+      raise ValueError(f'unknown conv_impl {impl!r}; choose from '
+                       f'{", ".join(CONV_IMPLS)}')
+    self.impl = impl
 
   @hk.transparent
   def effective_weight(self, w: jax.Array) -> jax.Array:
@@ -319,9 +361,12 @@ class Conv2D(hk.Conv2D):
     w = hk.get_parameter('w', w_shape, jnp.float32, init=w_init)
     w = self.effective_weight(w)
     dtype = self.compute_dtype or inputs.dtype
-    if self.fast:
+    if self.impl == 'fast_conv':
       out = fast_conv.conv2d(inputs.astype(dtype), w.astype(dtype),
                              self.stride, self.padding)
+    elif self.impl == 'onednn':
+      out = onednn_conv.conv2d(inputs.astype(dtype), w.astype(dtype),
+                               self.stride, self.padding)
     else:
       out = jax.lax.conv_general_dilated(
           inputs.astype(dtype), w.astype(dtype),
@@ -422,12 +467,12 @@ class WSLinear(Linear):
 
 def make_conv(weight_standardization: bool, *, ws_eps: float = 1e-10,
               dtype: Any = jnp.float32,
-              fast: bool = False) -> Callable[..., Conv2D]:
+              impl: str = 'lax') -> Callable[..., Conv2D]:
   """Returns a `Conv2D`/`WSConv2D` constructor with bias off by default."""
   if weight_standardization:
     return functools.partial(WSConv2D, ws_eps=ws_eps, compute_dtype=dtype,
-                             fast=fast)
-  return functools.partial(Conv2D, compute_dtype=dtype, fast=fast)
+                             impl=impl)
+  return functools.partial(Conv2D, compute_dtype=dtype, impl=impl)
 
 
 def make_linear(weight_standardization: bool, *, ws_eps: float = 1e-10,

@@ -156,6 +156,7 @@ class ResNet(hk.Module):
                stem: str = 'imagenet',
                zero_init_last_scale: bool = False,
                fast_conv: bool = False,
+               conv_impl: str = '',
                bn_decay: float = 0.9,
                bn_eps: float = 1e-5,
                gn_eps: float = 1e-5,
@@ -184,6 +185,9 @@ class ResNet(hk.Module):
       fast_conv: convolve with `byol.fast_conv.conv2d`: the same function and
         gradients (to float32 rounding), with a backward pass that XLA:CPU
         runs faster (docs/performance.md).
+      conv_impl: how convolutions are computed, one of `layers.CONV_IMPLS`
+        (`lax`, `fast_conv`, `onednn`: oneDNN's kernels on XLA:CPU); ''
+        follows `fast_conv`.
       bn_decay: BatchNorm moving-average decay.
       bn_eps: BatchNorm epsilon.
       gn_eps: GroupNorm / LayerNorm epsilon.
@@ -205,8 +209,9 @@ class ResNet(hk.Module):
     norm_factory = layers.make_norm(
         norm, num_groups=num_groups, bn_decay=bn_decay, bn_eps=bn_eps,
         gn_eps=gn_eps, cross_replica_axis=cross_replica_axis)
-    conv = layers.make_conv(weight_standardization, ws_eps=ws_eps,
-                            fast=fast_conv, dtype=self.dtype)
+    conv = layers.make_conv(
+        weight_standardization, ws_eps=ws_eps, dtype=self.dtype,
+        impl=layers.conv_impl(conv_impl, fast_conv, self.dtype))
 
     stem_channels = self._scaled(64, 'initial_conv')
     if stem == 'imagenet':

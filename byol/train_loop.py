@@ -40,7 +40,8 @@ RESUMABLE_FIELDS = ('training.log_every_steps', 'training.checkpoint_every_steps
                     'training.diagnostics_batch_size',
                     # How the step is arranged for the hardware, not what it
                     # computes (the same function up to float rounding):
-                    'model.encoder.fast_conv', 'training.images_per_pass',
+                    'model.encoder.fast_conv', 'model.encoder.conv_impl',
+                    'training.images_per_pass',
                     # the input pipeline's thread pool (the same batches)
                     'data.input_threads')
 # Where the run runs, not what it computes: a preempted multi-host job may come

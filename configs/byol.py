@@ -116,7 +116,12 @@ def get_config(arg=None):
       'gn', True, depth=50, width_multiplier=1.0, stem='imagenet',
       blocks_per_group=(), zero_init_last_scale=False,
       # byol/fast_conv.py: same numbers, a backward pass XLA:CPU runs faster.
-      fast_conv=False))
+      fast_conv=False,
+      # How convolutions are computed: 'lax', 'fast_conv' or 'onednn'
+      # (oneDNN's kernels, float32 on XLA:CPU, lax elsewhere;
+      # byol/onednn_conv.py); '' follows fast_conv. The same function,
+      # other float rounding.
+      conv_impl=''))
   c.model.projector = ml_collections.ConfigDict(_component(
       'gn', True, hidden_size=4096, output_size=256))
   c.model.predictor = ml_collections.ConfigDict(_component(
@@ -239,11 +244,12 @@ def _local(c):
     c.model[head].hidden_size = 256
     c.model[head].output_size = 64
     c.model[head].num_groups = 8
-  # XLA:CPU arrangements of the same step (docs/performance.md): the
-  # convolution whose backward pass XLA:CPU runs faster (byol/fast_conv.py),
-  # and both views in passes of 64 images instead of one of 512. Together
-  # 0.65x the GN+WS step time of lax.conv in one pass (interleaved, 2 cores).
-  c.model.encoder.fast_conv = True
+  # XLA:CPU arrangements of the same step (docs/performance.md): oneDNN's
+  # convolutions as custom calls (byol/onednn_conv.py; built by run.sh), and
+  # both views in passes of 64 images instead of one of 512. oneDNN: 0.57x
+  # the GN+WS step time of fast_conv's convolution, 0.63x BatchNorm's
+  # (interleaved, 2 cores); the same function, other float rounding.
+  c.model.encoder.conv_impl = 'onednn'
   c.training.images_per_pass = 64
   c.data.dataset = 'fashion_mnist'
   c.data.image_size = 24

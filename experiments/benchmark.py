@@ -21,9 +21,11 @@ views in two forward passes of B images (as BatchNorm needs) instead of one
 of 2B. It computes the same function as `gn+ws`. Without a suffix a variant
 runs the size's config as it is; suffixes, each after a `+`, change it:
 
-  +fastconv / +lax  model.encoder.fast_conv=True / False
+  +fastconv / +lax / +onednn
+                    model.encoder.conv_impl=fast_conv / lax / onednn
                     (`byol.fast_conv.conv2d`, the convolution whose backward
-                    pass is arranged for XLA:CPU, or lax's own)
+                    pass is arranged for XLA:CPU; lax's own; oneDNN's kernels
+                    as custom calls, `byol.onednn_conv.conv2d`)
   +onepass          training.images_per_pass=0: both views in one pass
   +passN            training.images_per_pass=N (e.g. +pass128)
   +noaug            the step without its on-device augmentations (the views
@@ -120,6 +122,8 @@ NORM_VARIANTS = {
     'none': ('none', False),
     'gn+ws_naive': ('gn', True),  # see naive_group_norm()
 }
+# Convolution suffixes: model.encoder.conv_impl.
+CONV_SUFFIXES = {'lax': 'lax', 'fastconv': 'fast_conv', 'onednn': 'onednn'}
 # The PyTorch reference's name for each base variant it implements.
 TORCH_VARIANTS = {'bn': 'bn', 'gn+ws': 'gn+ws'}
 
@@ -130,7 +134,7 @@ def _split_variant(name):
     if name == base or name.startswith(base + '+'):
       return base, name[len(base) + 1:].split('+') if name != base else []
   raise ValueError(f'unknown variant {name!r}; choose from '
-                   f'{", ".join(NORM_VARIANTS)} (+fastconv, +lax, '
+                   f'{", ".join(NORM_VARIANTS)} (+fastconv, +lax, +onednn, '
                    '+onepass, +passN, +cpuN, +noaug)')
 
 
@@ -145,8 +149,8 @@ def parse_variant(name):
   base, suffixes = _split_variant(name)
   overrides = {}
   for suffix in suffixes:
-    if suffix in ('fastconv', 'lax'):
-      overrides['model.encoder.fast_conv'] = suffix == 'fastconv'
+    if suffix in CONV_SUFFIXES:
+      overrides['model.encoder.conv_impl'] = CONV_SUFFIXES[suffix]
     elif suffix == 'onepass':
       overrides['training.images_per_pass'] = 0
     elif suffix.startswith('pass') and suffix[4:].isdigit():
@@ -155,7 +159,7 @@ def parse_variant(name):
       overrides['distributed.cpu_devices'] = int(suffix[3:])
     elif suffix != 'noaug':
       raise ValueError(f'unknown suffix {suffix!r} in variant {name!r}; use '
-                       '+fastconv, +lax, +onepass, +passN, +cpuN or +noaug')
+                       '+fastconv, +lax, +onednn, +onepass, +passN, +cpuN or +noaug')
   return base, overrides
 
 

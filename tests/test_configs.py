@@ -43,7 +43,7 @@ def test_benchmark_variant_names():
   assert not benchmark.augments('bn+cpu2+noaug')
   assert benchmark.augments('gn+ws+pass128')
   assert benchmark.parse_variant('gn+ws+lax+pass128') == (
-      'gn+ws', {'model.encoder.fast_conv': False,
+      'gn+ws', {'model.encoder.conv_impl': 'lax',
                 'training.images_per_pass': 128})
   for bad in ('bn+cpu0', 'bn+fast', 'gn'):
     with pytest.raises(ValueError, match='unknown'):

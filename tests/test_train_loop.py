@@ -48,7 +48,8 @@ def test_config_differences_ignore_the_resumable_fields():
   assert train_loop.config_differences(old, new) == ['training.base_lr']
   # Arrangements of the same step for the hardware (a run from before they
   # existed lacks them) are not differences either.
-  new['model'] = {'encoder': {'fast_conv': True, 'depth': 18}}
+  new['model'] = {'encoder': {'fast_conv': True, 'conv_impl': 'onednn',
+                             'depth': 18}}
   new['training']['images_per_pass'] = 64
   new['data']['input_threads'] = 1
   old['model'] = {'encoder': {'depth': 18}}

@@ -38,6 +38,11 @@ def outputs(config: ml_collections.ConfigDict, heads: bool):
 
 
 def _forward(config: ml_collections.ConfigDict, heads: bool):
+  # XLA's own convolution, the same function: a SavedModel runs wherever
+  # TensorFlow does, without this process's custom calls (`onednn`), and
+  # jax2tf refuses custom calls it does not know.
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.encoder.conv_impl = 'lax'
   forward = model.Network(config, axis_name=None).forward
   keep = outputs(config, heads)
 
