@@ -63,6 +63,7 @@ experiments/results/benchmark_<platform>.json).
 import contextlib
 import json
 import os
+import platform as pyplatform
 import statistics
 import subprocess
 import sys
@@ -473,6 +474,22 @@ def _time_size(size, names, printer=print):
   return row
 
 
+def cpu_model() -> str:
+  """The host CPU as /proc/cpuinfo names it, with its family and model."""
+  fields = {}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  name = fields.get('model name') or pyplatform.processor() or 'unknown'
+  if 'cpu family' in fields and 'model' in fields:
+    name += f' (family {fields["cpu family"]}, model {fields["model"]})'
+  return name
+
+
 def main(argv):
   del argv
   # As main.py: freed step buffers are kept for reuse (byol/host_memory.py).
@@ -500,7 +517,8 @@ def main(argv):
   results = {'platform': platform, 'device': str(jax.devices()[0].device_kind),
              'num_devices': jax.device_count(), 'dtype': _DTYPE.value,
              'steps': _STEPS.value, 'reps': _REPS.value,
-             'cores': distributed.available_cores(), 'sizes': {}}
+             'cores': distributed.available_cores(),
+             'cpu_model': cpu_model(), 'sizes': {}}
   print(f'# BYOL train step, {jax.device_count()} x {results["device"]} '
         f'({platform}), {_DTYPE.value}: images/s as the median (min-max) '
         f'over {_REPS.value} interleaved repetitions of the median of '

@@ -59,6 +59,8 @@ def test_benchmark_reports_every_repetition_in_its_json(tmp_path, capsys):
     pass  # PyTorch is not a dependency: the JAX half is checked alone
   results = _run_benchmark(tmp_path, *torch_python)
   assert results['reps'] == 3 and results['steps'] == 1
+  # The machine is named: figures from two machines are not compared.
+  assert results['cpu_model'] == benchmark.cpu_model() != ''
   row = results['sizes']['tiny']
   assert set(row) == {'bn', 'gn+ws'}
   for name, r in row.items():
