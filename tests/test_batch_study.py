@@ -2,10 +2,13 @@
 
 import json
 
+import chex
+import numpy as np
 import pytest
 
 from byol import experiment
 from byol import metrics
+from experiments import accumulation_check
 from experiments import batch_study
 from experiments import study
 
@@ -104,5 +107,37 @@ def test_finished_runs_are_kept_as_records_and_read_back(tmp_path):
                                   ['--seeds=-1'], ['--nope']])
 def test_bad_input_is_one_error_line(argv, capsys):
   assert batch_study.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: ')
+
+
+def test_accumulation_check_measures_the_gap_relative_to_the_distance_moved(
+    tmp_path):
+  p0 = np.zeros(4)
+  one = {'params': [p0, np.array([3., 4., 0., 0.]), np.array([6., 8., 0., 0.])],
+         'losses': [2.0, 1.0]}
+  acc = {'params': [p0, np.array([3., 4., 1e-6, 0.]),
+                    np.array([6., 8., 0., 1.])],
+         'losses': [2.0, 1.5]}
+  g = accumulation_check.gaps(one, acc)
+  # Step 1: 1e-6 apart after moving 5; step 2: 1 apart after moving 10.
+  chex.assert_trees_all_close(g, {'param_gap': [2e-7, 0.1],
+                                  'loss_gap': [0.0, 0.5]}, rtol=1e-12)
+  with pytest.raises(AssertionError, match='same parameters'):
+    accumulation_check.gaps(one, {**acc, 'params': [p0 + 1] + acc['params'][1:]})
+  assert accumulation_check.shown_steps(30) == [1, 2, 3, 5, 10, 20, 30]
+  assert accumulation_check.shown_steps(3) == [1, 2, 3]
+  assert accumulation_check.shown_steps(25) == [1, 2, 3, 5, 10, 20, 25]
+  text = accumulation_check.write_table(
+      str(tmp_path / 't.md'), {'gnws': g}, batch=256, accumulation=8,
+      command='cmd')
+  assert '| GN+WS, parameter gap | 2.0e-07 | 1.0e-01 |' in text
+
+
+@pytest.mark.parametrize('argv', [['--batch=256', '--accumulation=7'],
+                                  ['--accumulation=1'], ['--steps=0'],
+                                  ['--norms=ln']])
+def test_accumulation_check_bad_input_is_one_error_line(argv, capsys):
+  assert accumulation_check.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: ')
