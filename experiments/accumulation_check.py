@@ -97,7 +97,10 @@ def gaps(one: Dict[str, List], accumulated: Dict[str, List]) -> Dict:
   for a, b, la, lb in zip(one['params'][1:], accumulated['params'][1:],
                           one['losses'], accumulated['losses']):
     moved = np.linalg.norm(a - p0)
-    rel.append(float(np.linalg.norm(b - a) / max(moved, 1e-30)))
+    # nan until training moves the parameters (the warm-up's first step has
+    # learning rate 0).
+    rel.append(float(np.linalg.norm(b - a) / moved) if moved > 0
+               else float('nan'))
     loss.append(float(abs(lb - la) / max(abs(la), 1e-30)))
   return {'param_gap': rel, 'loss_gap': loss}
 
@@ -109,6 +112,10 @@ def shown_steps(steps: int) -> List[int]:
   if steps not in out:
     out.append(steps)
   return out
+
+
+def _cell(value: float) -> str:
+  return '-' if np.isnan(value) else f'{value:.1e}'
 
 
 def write_table(path: str, results: Dict[str, Dict], *, batch: int,
@@ -124,17 +131,19 @@ def write_table(path: str, results: Dict[str, Dict], *, batch: int,
       'key per example, from its place in the global batch). Parameter gap: '
       '||p_accumulated - p_one_batch|| / ||p_one_batch - p_initial|| after '
       'the step (the gap as a fraction of how far training has moved the '
-      'parameters); loss gap: |loss difference| / loss of the step.',
+      'parameters; - while they have not moved: the warm-up\'s first step '
+      'has learning rate 0); loss gap: |loss difference| / loss of the step '
+      '(computed before its update).',
       '',
       '| normalization | ' + ' | '.join(f'step {s}' for s in shown) + ' |',
       '|---|' + '---:|' * len(shown),
   ]
   for norm, r in results.items():
     label = batch_study.NORM_LABELS.get(norm, norm)
-    lines.append(f'| {label}, parameter gap | ' + ' | '.join(
-        f'{r["param_gap"][s - 1]:.1e}' for s in shown) + ' |')
-    lines.append(f'| {label}, loss gap | ' + ' | '.join(
-        f'{r["loss_gap"][s - 1]:.1e}' for s in shown) + ' |')
+    for key, what in (('param_gap', 'parameter gap'), ('loss_gap',
+                                                        'loss gap')):
+      lines.append(f'| {label}, {what} | ' + ' | '.join(
+          _cell(r[key][s - 1]) for s in shown) + ' |')
   text = '\n'.join(lines) + '\n'
   with open(path, 'w') as f:
     f.write(text)

@@ -132,6 +132,14 @@ def test_accumulation_check_measures_the_gap_relative_to_the_distance_moved(
       str(tmp_path / 't.md'), {'gnws': g}, batch=256, accumulation=8,
       command='cmd')
   assert '| GN+WS, parameter gap | 2.0e-07 | 1.0e-01 |' in text
+  # Parameters that have not moved (learning rate 0) have no relative gap.
+  still = accumulation_check.gaps({'params': [p0, p0], 'losses': [1.0]},
+                                  {'params': [p0, p0], 'losses': [1.0]})
+  assert np.isnan(still['param_gap'][0]) and still['loss_gap'] == [0.0]
+  text = accumulation_check.write_table(
+      str(tmp_path / 't.md'), {'bn': still}, batch=8, accumulation=2,
+      command='cmd')
+  assert '| BatchNorm, parameter gap | - |' in text
 
 
 @pytest.mark.parametrize('argv', [['--batch=256', '--accumulation=7'],
