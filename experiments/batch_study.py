@@ -260,8 +260,12 @@ def summary_section(results: Dict[str, dict],
               'GN+WS has no statistic across examples, so 8 accumulated '
               'micro-batches of 32 (each example with the augmentations it '
               'has in the batch of 256) give the batch-256 step up to float '
-              'rounding, which the step-by-step comparison shows; BatchNorm '
-              'normalizes each micro-batch by its own 32 examples.', '']
+              'rounding; BatchNorm normalizes each micro-batch by its own 32 '
+              'examples. A whole run amplifies any difference, rounding '
+              'included, so the logged steps below differ about as much as '
+              'two seeds do; `python -m experiments.accumulation_check` '
+              'compares the two step by step from the first step '
+              '(`accumulation_check_<dataset>.md`).', '']
     lines += pairs
   return '\n'.join(lines) + '\n'
 

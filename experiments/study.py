@@ -513,17 +513,22 @@ def report_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
   ones are copied to the study's record folder, as `run_study` does; the
   raw-pixel baseline is read from the root's cache, never fitted.
 
+  Without the root (a fresh clone), the study's records in `results_dir`
+  alone give the table.
+
   Raises:
-    UserError: no root, or a finished run of another length than `epochs`
-      (its record would be filed under the wrong name).
+    UserError: neither the root nor the study's records, or a finished run of
+      another length than `epochs` (its record would be filed under the
+      wrong name).
   """
-  if not os.path.isdir(root):
-    raise UserError(f'no workdir root {root}')
+  record = '' if smoke else record_dir(results_dir, name, dataset, epochs)
+  if not os.path.isdir(root) and not (record and os.path.isdir(record)):
+    raise UserError(f'no workdir root {root}'
+                    + (f' and no records in {record}' if record else ''))
   default_probe = SMOKE_PROBE_EXAMPLES if smoke else -1
   max_train = max_train if max_train != -1 else default_probe
   max_test = max_test if max_test != -1 else default_probe
   shown = list(all_rows) or list(rows)
-  record = '' if smoke else record_dir(results_dir, name, dataset, epochs)
   for run, result in load_finished(root, shown).items():
     length = result['config']['training']['epochs']
     if float(length) != float(epochs):

@@ -148,6 +148,14 @@ def test_ablation_report_only_rebuilds_the_table_without_training(
                        printer=lines.append) == 0
   assert _cells(open(os.path.join(results, 'ablation_fashion_mnist.md')
                      ).read(), 'byol_gnws')[2] == '82.00 ± 2.00 (n=3)'
+  # No root at all (a fresh clone of the repository): the records suffice.
+  os.remove(os.path.join(results, 'ablation_fashion_mnist.md'))
+  assert ablation.main(argv[:3] + [f'--workdir_root={tmp_path / "gone"}',
+                                   f'--results_dir={results}'],
+                       printer=lines.append) == 0
+  assert _cells(open(os.path.join(results, 'ablation_fashion_mnist.md')
+                     ).read(), 'byol_gnws')[2] == '82.00 ± 2.00 (n=3)'
+  assert not (tmp_path / 'gone').exists()
 
 
 @pytest.mark.parametrize('argv, message', [
