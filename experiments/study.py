@@ -330,15 +330,27 @@ def run_dir(run: str, root: str, record: str = '') -> str:
   return workdir
 
 
+def _copy_text(source: str, target: str) -> None:
+  if os.path.exists(source):
+    with open(source) as f:
+      files.write_text(target, f.read())
+
+
 def keep_record(run: str, root: str, record: str) -> None:
   """Copies `run`'s summary and metrics from its workdir to `record`."""
   target = os.path.join(record, run)
   os.makedirs(target, exist_ok=True)
   for name in (ROW_SUMMARY, 'metrics.jsonl'):
-    source = os.path.join(root, run, name)
-    if os.path.exists(source):
-      with open(source) as f:
-        files.write_text(os.path.join(target, name), f.read())
+    _copy_text(os.path.join(root, run, name), os.path.join(target, name))
+
+
+def keep_baseline(root: str, record: str) -> None:
+  """Copies the root's raw-pixel baseline (if fitted) beside the records, so
+  that a report rebuilt from the records alone still shows it."""
+  if record:
+    os.makedirs(record, exist_ok=True)
+    name = study_report.BASELINE_FILE
+    _copy_text(os.path.join(root, name), os.path.join(record, name))
 
 
 def load_finished(root: str, rows: Sequence[Row],
@@ -466,6 +478,7 @@ def run_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
       root, dataset=dataset, image_size=image_size,
       max_train_examples=max_train, max_test_examples=max_test,
       tag=tag, printer=printer)
+  keep_baseline(root, record)
   write_report(
       list(all_rows) or list(rows), root=root, results_dir=results_dir,
       record=record, baseline=baseline, dataset=dataset, command=command,
@@ -511,7 +524,8 @@ def report_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
   The same arguments as `run_study` (the same command with --report_only):
   the runs of `rows` x `seeds` not finished yet are listed; the finished
   ones are copied to the study's record folder, as `run_study` does; the
-  raw-pixel baseline is read from the root's cache, never fitted.
+  raw-pixel baseline is read from the root's cache (else the records'),
+  never fitted.
 
   Without the root (a fresh clone), the study's records in `results_dir`
   alone give the table.
@@ -539,9 +553,10 @@ def report_study(rows: Sequence[Row], *, seeds: Sequence[int], epochs: float,
     for run in load_finished(root, shown):
       keep_record(run, root, record)
   config = row_config(rows[0], dataset=dataset, epochs=epochs, smoke=smoke)
+  keep_baseline(root, record)
   baseline = study_report.cached_baseline(root, dict(
       dataset=dataset, image_size=config.data.image_size,
-      max_train_examples=max_train, max_test_examples=max_test))
+      max_train_examples=max_train, max_test_examples=max_test), record)
   printer(f'[{tag}] report only: the finished runs under {root}')
   write_report(shown, root=root, results_dir=results_dir, record=record,
                baseline=baseline, dataset=dataset, command=command,

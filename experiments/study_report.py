@@ -49,7 +49,7 @@ def raw_pixel_baseline(root: str, *, dataset: str, image_size: int,
 
   Cached in <root>/raw_pixels.json, keyed by the probe's settings.
   """
-  path = os.path.join(root, 'raw_pixels.json')
+  path = os.path.join(root, BASELINE_FILE)
   key = dict(dataset=dataset, image_size=image_size,
              max_train_examples=max_train_examples,
              max_test_examples=max_test_examples)
@@ -66,15 +66,21 @@ def raw_pixel_baseline(root: str, *, dataset: str, image_size: int,
   return result
 
 
-def cached_baseline(root: str, key: dict) -> Optional[dict]:
-  """The raw-pixel baseline cached under `root` for the probe settings `key`
-  (see `raw_pixel_baseline`), or None: a report never fits it itself."""
-  path = os.path.join(root, 'raw_pixels.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    cached = json.load(f)
-  return cached['result'] if cached.get('key') == key else None
+BASELINE_FILE = 'raw_pixels.json'
+
+
+def cached_baseline(root: str, key: dict, record: str = '') -> Optional[dict]:
+  """The raw-pixel baseline cached under `root` (else kept in the study's
+  `record` folder) for the probe settings `key` (see `raw_pixel_baseline`),
+  or None: a report never fits it itself."""
+  for folder in (root, record):
+    path = os.path.join(folder, BASELINE_FILE) if folder else ''
+    if path and os.path.exists(path):
+      with open(path) as f:
+        cached = json.load(f)
+      if cached.get('key') == key:
+        return cached['result']
+  return None
 
 
 def by_row(results: Dict[str, dict], rows: Sequence[Any]

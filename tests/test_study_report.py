@@ -140,7 +140,8 @@ def test_ablation_report_only_rebuilds_the_table_without_training(
   # them, so that the table can be rebuilt where the root is gone.
   record = study.record_dir(results, 'ablation', 'fashion_mnist', 1.25)
   assert sorted(os.listdir(record)) == [
-      'byol_bn_none', 'byol_gnws', 'byol_gnws_seed1', 'byol_gnws_seed2']
+      'byol_bn_none', 'byol_gnws', 'byol_gnws_seed1', 'byol_gnws_seed2',
+      'raw_pixels.json']
   empty = str(tmp_path / 'empty')
   os.makedirs(empty)
   assert ablation.main(argv[:3] + [f'--workdir_root={empty}',
@@ -153,8 +154,10 @@ def test_ablation_report_only_rebuilds_the_table_without_training(
   assert ablation.main(argv[:3] + [f'--workdir_root={tmp_path / "gone"}',
                                    f'--results_dir={results}'],
                        printer=lines.append) == 0
-  assert _cells(open(os.path.join(results, 'ablation_fashion_mnist.md')
-                     ).read(), 'byol_gnws')[2] == '82.00 ± 2.00 (n=3)'
+  table = open(os.path.join(results, 'ablation_fashion_mnist.md')).read()
+  assert _cells(table, 'byol_gnws')[2] == '82.00 ± 2.00 (n=3)'
+  # The raw-pixel baseline came with the records.
+  assert 'linear top-1 84.36%' in table
   assert not (tmp_path / 'gone').exists()
 
 
