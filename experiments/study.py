@@ -47,11 +47,11 @@ from experiments import study_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_SUMMARY = 'row_summary.json'
-# For the ETA before any row has finished: the `local` step on 2 idle CPU
-# cores (~480 images/s between evaluations with GN+WS, ~400 with BatchNorm;
-# less on a shared machine).
-LOCAL_IMAGES_PER_SEC = 400.0
-PROBE_SECONDS = 180.0
+# For the ETA before any run has finished: the median pretraining rate
+# (evaluations included) and probe time of the 42 runs of the full ablation
+# table on 2 CPU cores with oneDNN (2026-12-06; less on a shared machine).
+LOCAL_IMAGES_PER_SEC = 490.0
+PROBE_SECONDS = 55.0
 
 # Per component: (norm, weight standardization).
 NORM_CHOICES = {'bn': ('bn', False), 'none': ('none', False),
