@@ -28,6 +28,8 @@ from byol.evaluation import probe
 # as 'partial'.
 COLLAPSE_RATIO = 0.1
 RANK_COLLAPSE_RATIO = 0.25
+# The raw-pixel baseline's cache, in a study's root and beside its records.
+BASELINE_FILE = 'raw_pixels.json'
 
 
 def collapse_verdict(status: str, proj_std_relative: float,
@@ -64,9 +66,6 @@ def raw_pixel_baseline(root: str, *, dataset: str, image_size: int,
       max_test_examples=max_test_examples)
   files.write_json(path, {'key': key, 'result': result})
   return result
-
-
-BASELINE_FILE = 'raw_pixels.json'
 
 
 def cached_baseline(root: str, key: dict, record: str = '') -> Optional[dict]:
